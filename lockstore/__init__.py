@@ -1,0 +1,40 @@
+"""lockstore: one value in one file, shared safely by many processes.
+
+Atomic replace keeps the file whole; a sidecar lock and read-modify-write transactions keep every update.
+"""
+
+from __future__ import annotations
+
+from ._error import (
+    CorruptStoreError,
+    DurabilityUnknownError,
+    LockReentryError,
+    LockstoreError,
+    LockTimeout,
+    SerializationError,
+    TransactionLockError,
+)
+from ._formats import AbstractFormatBstr, AbstractFormatFile
+from ._holder import Holder
+from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_TIMEOUT",
+    "AbstractFormatBstr",
+    "AbstractFormatFile",
+    "CorruptStoreError",
+    "DurabilityUnknownError",
+    "Holder",
+    "LockReentryError",
+    "LockTimeout",
+    "LockstoreError",
+    "SerializationError",
+    "Store",
+    "TransactionLockError",
+    "__version__",
+    "open",
+    "read",
+]

@@ -1,0 +1,142 @@
+"""The error hierarchy: every error lockstore raises on purpose derives from :class:`LockstoreError`.
+
+Each subclass also inherits the builtin a caller would naturally catch (``LockTimeout`` is a ``TimeoutError``,
+``CorruptStoreError`` a ``ValueError``), carries its context as attributes, and survives pickling so that it can
+cross a ``multiprocessing`` boundary intact.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from filelock import Timeout
+
+if TYPE_CHECKING:
+    from ._holder import Holder
+
+
+class LockstoreError(Exception):
+    """Base class of every error lockstore raises on purpose."""
+
+
+class LockReentryError(LockstoreError, RuntimeError):
+    """A thread asked for a lock that it already holds through another store object: waiting would deadlock."""
+
+    def __init__(self, lock_file: str) -> None:
+        super().__init__(lock_file)
+        self.lock_file = lock_file
+
+    def __str__(self) -> str:
+        return (
+            f"this thread already holds the lock {self.lock_file} through another Store object on the same file; "
+            "nest transactions of one Store object instead (a nested transaction of the same object joins the outer one)"
+        )
+
+
+class LockTimeout(LockstoreError, Timeout):
+    """The lock could not be acquired within the timeout.
+
+    Attributes: ``lock_file`` (the sidecar path), ``path`` (the data file, or None), ``waited`` (seconds),
+    ``holder`` (a :class:`lockstore.Holder` read from the lock file when the timeout fired, or None).
+    """
+
+    def __init__(
+        self, lock_file: str, waited: float, *, path: str | None = None, holder: Holder | None = None,
+        holder_stale: bool = False,
+    ) -> None:
+        Timeout.__init__(self, lock_file)
+        self.waited = waited
+        self.path = path
+        self.holder = holder
+        self.holder_stale = holder_stale
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.__dict__))
+
+    def __str__(self) -> str:
+        target = f"{self.path} ({self.lock_file})" if self.path else self.lock_file
+        text = f"timed out after {self.waited:.1f} s waiting for lock on {target}"
+        if self.holder is not None:
+            text += ": " + self.holder.describe(stale=self.holder_stale)
+        else:
+            text += ": the holder left no record (a process that does not use lockstore, or a soft lock)"
+        return text + "; deleting the lock file does not help (it breaks mutual exclusion, it does not free the lock)"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.lock_file!r}, waited={self.waited!r})"
+
+
+def _rebuild(cls: type[LockTimeout], state: dict[str, Any]) -> LockTimeout:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+class _PathError(LockstoreError):
+    """An error about one data file; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class CorruptStoreError(_PathError, ValueError):
+    """The data file exists but cannot be decoded; it is never overwritten. The decoder's error is ``__cause__``."""
+
+
+class SerializationError(_PathError, ValueError):
+    """The value could not be encoded; nothing on disk changed. The encoder's error is ``__cause__``."""
+
+
+class DurabilityUnknownError(LockstoreError, OSError):
+    """The new value is in place, but fsync of its directory failed: whether it survives a power loss is unknown.
+
+    Never retried: an fsync error may have dropped dirty pages, so a second fsync that succeeds proves nothing.
+    """
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        OSError.__init__(self, cause.errno or errno.EIO, cause.strerror or str(cause), path)
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_os, (type(self), self.args, self.__dict__))
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: the new value is in place, but syncing its directory failed "
+            f"({self.strerror}); its durability after a power loss is unknown"
+        )
+
+
+def _rebuild_os(cls: type[OSError], args: tuple[Any, ...], state: dict[str, Any]) -> OSError:
+    obj = cls.__new__(cls, *args)
+    OSError.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj
+
+
+class TransactionLockError(LockstoreError, TypeError):
+    """``transaction()`` was called on a store opened with ``lock=False``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: transactions need a lock; this store was opened with lock=False"
+
+
+__all__ = [
+    "CorruptStoreError",
+    "DurabilityUnknownError",
+    "LockReentryError",
+    "LockTimeout",
+    "LockstoreError",
+    "SerializationError",
+    "TransactionLockError",
+]

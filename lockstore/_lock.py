@@ -1,0 +1,280 @@
+"""Building the lock from ``lock=``: the native sidecar lock, or a caller's filelock instance.
+
+The sidecar lock is filelock's native primitive (``filelock.lock_descriptor``: ``flock`` on Unix, ``LockFileEx``
+on Windows) on one descriptor per process and lock file, with the thread, fork and reentrancy safety that
+``filelock.FileLock`` provides done here once per process instead of on every acquire: ``FileLock`` opens the
+file, resolves paths and checks its fork state about thirty times per acquire, ~90 us against ~1 us for the
+flock itself, which would cost a non-durable transaction most of its speed.
+
+- Threads: a per-process mutex per lock file lets one thread at a time hold the descriptor's flock.
+- Reentrancy: the store joins nested transactions itself; a second Store object asking for a lock that its thread
+  already holds would wait for itself forever, so it gets :class:`LockReentryError` at once.
+- Fork: a child closes its inherited copies and starts with fresh mutexes (``os.register_at_fork``); an
+  inherited descriptor shares the parent's lock, so using it in the child would break mutual exclusion.
+- The lock file is never deleted (tox-dev/filelock#31: waiters that opened the old inode would lock a different
+  file than new arrivals) and never broken by age: the OS releases a native lock when its holder dies.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Final, Protocol
+
+from filelock import BaseFileLock, Timeout, lock_descriptor, unlock_descriptor
+
+from . import _holder
+from ._error import LockReentryError, LockTimeout
+
+if TYPE_CHECKING:
+    from ._holder import Holder
+
+_O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+#: First pause between two attempts on a contended lock; it doubles up to ``poll_interval``.
+FIRST_PAUSE: Final = 0.0002
+
+
+class Lock(Protocol):
+    """What a store needs from a lock."""
+
+    lock_file: str
+
+    def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
+                label: str | None) -> bool:
+        """Take the lock for ``token``; return True when a killed holder's leftovers should be swept."""
+
+    def release(self) -> None:
+        """Release the lock taken by this thread."""
+
+    def holder(self) -> Holder | None:
+        """The current holder, or None when the lock is free."""
+
+    def held_here(self, token: object) -> bool:
+        """Whether this thread holds the lock through ``token``."""
+
+
+class _Shared:
+    """One lock file's state in this process."""
+
+    __slots__ = ("fd", "mutex", "owner", "token", "writable")
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.fd: int | None = None
+        self.writable = True
+        self.owner: int | None = None  # thread ident of the holder in this process
+        self.token: object = None  # the store holding it
+
+
+_REGISTRY: dict[str, _Shared] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _REGISTRY_LOCK  # noqa: PLW0603 - the parent's registry lock may be held by a thread that is gone
+    _REGISTRY_LOCK = threading.Lock()
+    for shared in _REGISTRY.values():
+        if shared.fd is not None:
+            try:
+                os.close(shared.fd)
+            except OSError:
+                pass
+        shared.__init__()  # type: ignore[misc]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class SidecarLock:
+    """The native lock on a sidecar file (see the module docstring)."""
+
+    def __init__(self, lock_file: str, *, data_path: str | None = None) -> None:
+        self.lock_file = lock_file
+        self.data_path = data_path
+        key = os.path.normcase(os.path.abspath(lock_file))
+        with _REGISTRY_LOCK:
+            self._shared = _REGISTRY.setdefault(key, _Shared())
+
+    def __repr__(self) -> str:
+        return f"<SidecarLock {self.lock_file!r}>"
+
+    def held_here(self, token: object) -> bool:
+        shared = self._shared
+        return shared.owner == threading.get_ident() and shared.token is token
+
+    def _open(self, shared: _Shared) -> int:
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666)
+            shared.writable = True
+        except PermissionError:
+            # A lock file we may not write can still be locked; we just leave no holder record in it.
+            fd = os.open(self.lock_file, os.O_RDONLY | _O_CLOEXEC)
+            shared.writable = False
+        shared.fd = fd
+        return fd
+
+    def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
+                label: str | None) -> bool:
+        shared = self._shared
+        me = threading.get_ident()
+        if shared.owner == me:
+            raise LockReentryError(self.lock_file)
+        start = time.monotonic()
+        wait = -1.0 if timeout < 0 else timeout
+        if not shared.mutex.acquire(blocking, wait if blocking else -1):
+            raise self._timeout(time.monotonic() - start)
+        try:
+            fd = shared.fd if shared.fd is not None else self._open(shared)
+            if not lock_descriptor(fd, blocking=False):
+                if not blocking:
+                    raise self._timeout(time.monotonic() - start)
+                self._wait(fd, start, timeout, poll_interval)
+            stale = False
+            if shared.writable:
+                stale = bool(os.pread(fd, 1, 0))
+                if stale:
+                    os.ftruncate(fd, 0)
+                os.pwrite(fd, _holder.record(label), 0)
+        except BaseException:
+            if shared.fd is not None:
+                try:
+                    unlock_descriptor(shared.fd)
+                except OSError:
+                    pass
+            shared.mutex.release()
+            raise
+        shared.owner = me
+        shared.token = token
+        return stale
+
+    def _wait(self, fd: int, start: float, timeout: float, poll_interval: float) -> None:
+        pause = FIRST_PAUSE
+        while True:
+            now = time.monotonic()
+            if 0 <= timeout <= now - start:
+                raise self._timeout(now - start)
+            sleep = pause if timeout < 0 else min(pause, max(0.0, start + timeout - now))
+            time.sleep(sleep)
+            if lock_descriptor(fd, blocking=False):
+                return
+            pause = min(pause * 2, poll_interval)
+
+    def release(self) -> None:
+        shared = self._shared
+        fd = shared.fd
+        shared.owner = None
+        shared.token = None
+        try:
+            if fd is not None:
+                try:
+                    if shared.writable:
+                        os.ftruncate(fd, 0)
+                finally:
+                    unlock_descriptor(fd)
+        except OSError:
+            # Closing our only descriptor of the file releases the lock whatever went wrong above.
+            shared.fd = None
+            if fd is not None:
+                os.close(fd)
+            raise
+        finally:
+            shared.mutex.release()
+
+    def _timeout(self, waited: float) -> LockTimeout:
+        holder = self.holder()
+        stale = holder is not None and holder.alive is False
+        return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)
+
+    def holder(self) -> Holder | None:
+        """Read the record, or None when the lock is free (a record left by a killed holder is ignored then)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            shared = self._shared
+            if shared.owner is None and lock_descriptor(fd, blocking=False):
+                unlock_descriptor(fd)
+                return None
+            return _holder.parse(os.pread(fd, 4096, 0))
+        finally:
+            os.close(fd)
+
+
+class FileLockAdapter:
+    """A caller's filelock lock (e.g. ``filelock.SoftFileLock`` on a file system without working flock)."""
+
+    def __init__(self, lock: BaseFileLock, *, data_path: str | None = None) -> None:
+        self.lock = lock
+        self.lock_file = lock.lock_file
+        self.data_path = data_path
+        self._owner: int | None = None
+        self._token: object = None
+
+    def __repr__(self) -> str:
+        return f"<FileLockAdapter {self.lock!r}>"
+
+    def held_here(self, token: object) -> bool:
+        return self._owner == threading.get_ident() and self._token is token
+
+    def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
+                label: str | None) -> bool:
+        if self._owner == threading.get_ident():
+            raise LockReentryError(self.lock_file)
+        start = time.monotonic()
+        try:
+            self.lock.acquire(timeout=timeout, poll_interval=poll_interval, blocking=blocking)
+        except Timeout as exc:
+            raise LockTimeout(
+                self.lock_file, time.monotonic() - start, path=self.data_path, holder=self.holder()
+            ) from exc
+        self._owner = threading.get_ident()
+        self._token = token
+        # Other lock kinds leave no record to tell a killed holder; sweeping costs a directory scan, so always do.
+        return True
+
+    def release(self) -> None:
+        self._owner = None
+        self._token = None
+        self.lock.release()
+
+    def holder(self) -> Holder | None:
+        return _soft_holder(self.lock)
+
+
+def _soft_holder(lock: BaseFileLock) -> Holder | None:
+    """Holder information of a filelock soft lock, read from its marker (pid and host are what it records)."""
+    try:
+        with open(lock.lock_file, "rb") as f:
+            data = f.read(4096)
+    except OSError:
+        return None
+    lines = data.decode(errors="replace").splitlines()
+    if not lines or not lines[0].strip().isdigit():
+        return None
+    pid = int(lines[0].strip())
+    host = lines[1].strip() if len(lines) > 1 else ""
+    try:
+        mtime = os.stat(lock.lock_file).st_mtime
+    except OSError:
+        mtime = 0.0
+    alive = _holder._alive(pid, None, host, _holder._pid_namespace())  # noqa: SLF001
+    return _holder.Holder(pid=pid, host=host, user="", cmdline=[], acquired_at=mtime, label=None, alive=alive)
+
+
+def build(lock: object, path: str) -> Lock | None:
+    """Turn ``lock=`` into a lock: True (sidecar ``<path>.lock``), a path, a filelock instance, or False."""
+    if lock is False or lock is None:
+        return None
+    if lock is True:
+        return SidecarLock(path + ".lock", data_path=path)
+    if isinstance(lock, (str, os.PathLike)):
+        return SidecarLock(os.fspath(lock), data_path=path)
+    if isinstance(lock, BaseFileLock):
+        return FileLockAdapter(lock, data_path=path)
+    raise TypeError(f"lock= must be True, False, a path or a filelock lock instance, not {type(lock).__name__}")
+
+
+__all__ = ["FileLockAdapter", "Lock", "SidecarLock", "build"]
