@@ -20,6 +20,14 @@ from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
 
 __version__ = "0.1.0"
 
+
+async def aread(path: object, default: object = None, **kwargs: object) -> object:
+    """``await lockstore.aread(path, ...)``: :func:`read` without blocking the event loop (same arguments)."""
+    from ._aio import aread as _aread
+
+    return await _aread(path, default, **kwargs)
+
+
 __all__ = [
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_TIMEOUT",
@@ -35,6 +43,7 @@ __all__ = [
     "Store",
     "TransactionLockError",
     "__version__",
+    "aread",
     "open",
     "read",
 ]

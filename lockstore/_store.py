@@ -339,6 +339,14 @@ class Store:
             finally:
                 local.depth = 0
 
+    def atransaction(
+        self, timeout: float | None = None, *, blocking: bool | None = None, label: str | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Store]:
+        """``async with store.atransaction() as s:``: :meth:`transaction` without blocking the event loop."""
+        from ._aio import atransaction
+
+        return atransaction(self, timeout, blocking=blocking, label=label)
+
     def _reset(self) -> None:
         self.value = copy.deepcopy(self.default) if self._disk is None else self._decode(self._disk)
 
