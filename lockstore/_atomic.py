@@ -168,7 +168,7 @@ def sweep(path: str) -> list[str]:
     """Remove temp files that killed writers left beside ``path``; call only while holding the store's lock."""
     prefix = temp_prefix(resolve_target(path))
     directory, head = os.path.split(prefix)
-    removed = []
+    removed: list[str] = []
     try:
         entries = os.scandir(directory or ".")
     except OSError:

@@ -132,7 +132,7 @@ def _alive(pid: int, start: float | None, host: str, pidns: str | None) -> bool 
         return None
     if start is None:
         return None
-    return abs(created - float(start)) <= _START_TOLERANCE
+    return bool(abs(created - float(start)) <= _START_TOLERANCE)
 
 
 def _own_start_time() -> float | None:

@@ -41,17 +41,24 @@ class Lock(Protocol):
     lock_file: str
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
-                label: str | None) -> bool:
-        """Take the lock for ``token``; return True when a killed holder's leftovers should be swept."""
+                label: str | None, owner: object = None) -> bool:
+        """Take the lock for ``token``; return True when a killed holder's leftovers should be swept.
+
+        ``owner`` identifies the holder inside this process: the calling thread by default, an asyncio task for
+        the async API. Raises LockTimeout, LockReentryError (``owner`` already holds it through another token).
+        """
+
+    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
+        """One attempt that never blocks: None when the lock is busy, else what :meth:`acquire` returns."""
 
     def release(self) -> None:
-        """Release the lock taken by this thread."""
+        """Release the lock."""
 
     def holder(self) -> Holder | None:
         """The current holder, or None when the lock is free."""
 
-    def held_here(self, token: object) -> bool:
-        """Whether this thread holds the lock through ``token``."""
+    def held_here(self, token: object, owner: object = None) -> bool:
+        """Whether ``owner`` (default: this thread) holds the lock through ``token``."""
 
 
 class _Shared:
@@ -63,7 +70,7 @@ class _Shared:
         self.mutex = threading.Lock()
         self.fd: int | None = None
         self.writable = True
-        self.owner: int | None = None  # thread ident of the holder in this process
+        self.owner: object = None  # the holder in this process: a thread ident, or an asyncio task
         self.token: object = None  # the store holding it
 
 
@@ -100,9 +107,9 @@ class SidecarLock:
     def __repr__(self) -> str:
         return f"<SidecarLock {self.lock_file!r}>"
 
-    def held_here(self, token: object) -> bool:
+    def held_here(self, token: object, owner: object = None) -> bool:
         shared = self._shared
-        return shared.owner == threading.get_ident() and shared.token is token
+        return shared.owner == (threading.get_ident() if owner is None else owner) and shared.token is token
 
     def _open(self, shared: _Shared) -> int:
         try:
@@ -116,9 +123,9 @@ class SidecarLock:
         return fd
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
-                label: str | None) -> bool:
+                label: str | None, owner: object = None) -> bool:
         shared = self._shared
-        me = threading.get_ident()
+        me = threading.get_ident() if owner is None else owner
         if shared.owner == me:
             raise LockReentryError(self.lock_file)
         start = time.monotonic()
@@ -131,23 +138,54 @@ class SidecarLock:
                 if not blocking:
                     raise self._timeout(time.monotonic() - start)
                 self._wait(fd, start, timeout, poll_interval)
-            stale = False
-            if shared.writable:
-                stale = bool(os.pread(fd, 1, 0))
-                if stale:
-                    os.ftruncate(fd, 0)
-                os.pwrite(fd, _holder.record(label), 0)
+            stale = self._mark(shared, fd, label)
         except BaseException:
-            if shared.fd is not None:
-                try:
-                    unlock_descriptor(shared.fd)
-                except OSError:
-                    pass
+            self._unlock_quietly(shared)
             shared.mutex.release()
             raise
         shared.owner = me
         shared.token = token
         return stale
+
+    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
+        shared = self._shared
+        me = threading.get_ident() if owner is None else owner
+        if shared.owner == me:
+            raise LockReentryError(self.lock_file)
+        if not shared.mutex.acquire(False):
+            return None
+        try:
+            fd = shared.fd if shared.fd is not None else self._open(shared)
+            if not lock_descriptor(fd, blocking=False):
+                shared.mutex.release()
+                return None
+            stale = self._mark(shared, fd, label)
+        except BaseException:
+            self._unlock_quietly(shared)
+            shared.mutex.release()
+            raise
+        shared.owner = me
+        shared.token = token
+        return stale
+
+    @staticmethod
+    def _mark(shared: _Shared, fd: int, label: str | None) -> bool:
+        """Write our holder record; return True when a killed holder's record was still there."""
+        if not shared.writable:
+            return True
+        stale = bool(os.pread(fd, 1, 0))
+        if stale:
+            os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder.record(label), 0)
+        return stale
+
+    @staticmethod
+    def _unlock_quietly(shared: _Shared) -> None:
+        if shared.fd is not None:
+            try:
+                unlock_descriptor(shared.fd)
+            except OSError:
+                pass
 
     def _wait(self, fd: int, start: float, timeout: float, poll_interval: float) -> None:
         pause = FIRST_PAUSE
@@ -210,18 +248,25 @@ class FileLockAdapter:
         self.lock = lock
         self.lock_file = lock.lock_file
         self.data_path = data_path
-        self._owner: int | None = None
+        self._owner: object = None
         self._token: object = None
 
     def __repr__(self) -> str:
         return f"<FileLockAdapter {self.lock!r}>"
 
-    def held_here(self, token: object) -> bool:
-        return self._owner == threading.get_ident() and self._token is token
+    def held_here(self, token: object, owner: object = None) -> bool:
+        return self._owner == (threading.get_ident() if owner is None else owner) and self._token is token
+
+    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
+        try:
+            return self.acquire(token, timeout=0, poll_interval=0.05, blocking=False, label=label, owner=owner)
+        except LockTimeout:
+            return None
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
-                label: str | None) -> bool:
-        if self._owner == threading.get_ident():
+                label: str | None, owner: object = None) -> bool:
+        me = threading.get_ident() if owner is None else owner
+        if self._owner == me:
             raise LockReentryError(self.lock_file)
         start = time.monotonic()
         try:
@@ -230,7 +275,7 @@ class FileLockAdapter:
             raise LockTimeout(
                 self.lock_file, time.monotonic() - start, path=self.data_path, holder=self.holder()
             ) from exc
-        self._owner = threading.get_ident()
+        self._owner = me
         self._token = token
         # Other lock kinds leave no record to tell a killed holder; sweeping costs a directory scan, so always do.
         return True
