@@ -30,7 +30,7 @@ class LockReentryError(LockstoreError, RuntimeError):
     def __str__(self) -> str:
         return (
             f"this thread already holds the lock {self.lock_file} through another Store object on the same file; "
-            "nest transactions of one Store object instead (a nested transaction of the same object joins the outer one)"
+            "nest transactions of one Store object instead (a nested transaction of one object joins the outer one)"
         )
 
 

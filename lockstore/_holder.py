@@ -61,7 +61,7 @@ _static: tuple[int, str] | None = None
 
 def _process_prefix() -> str:
     """The JSON head of this process's records, computed once per process (and again after fork)."""
-    global _static  # noqa: PLW0603 - a per-process cache, reset by the pid check
+    global _static
     pid = os.getpid()
     if _static is not None and _static[0] == pid:
         return _static[1]
@@ -150,7 +150,7 @@ def _own_start_time() -> float | None:
         import psutil
 
         return float(psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - no start time just makes liveness unknown
+    except Exception:
         return None
 
 

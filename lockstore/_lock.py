@@ -17,6 +17,7 @@ flock itself, which would cost a non-durable transaction most of its speed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -31,8 +32,20 @@ if TYPE_CHECKING:
     from ._holder import Holder
 
 _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
-#: First pause between two attempts on a contended lock; it doubles up to ``poll_interval``.
+#: Where the OS has no blocking ``flock`` (the polling fallback): first pause between two attempts, doubling up
+#: to ``poll_interval``.
 FIRST_PAUSE: Final = 0.0002
+#: After releasing a lock that it had to wait for, a process lets this long pass before it tries again, so that
+#: the waiter the kernel just woke takes the lock instead of the releaser barging back in (fairness, issue 3).
+HANDOFF_PAUSE: Final = 0.0001
+
+try:
+    import fcntl
+
+    _flock_blocking = fcntl.flock
+    _LOCK_EX: int | None = fcntl.LOCK_EX
+except ImportError:  # pragma: no cover - Windows: filelock's polling only
+    _LOCK_EX = None
 
 
 class Lock(Protocol):
@@ -64,10 +77,13 @@ class Lock(Protocol):
 class _Shared:
     """One lock file's state in this process."""
 
-    __slots__ = ("fd", "mutex", "owner", "token", "writable")
+    __slots__ = ("fd", "mutex", "owner", "released_at", "token", "waited", "waiter", "writable")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
+        self.waiter: _Waiter | None = None
+        self.waited = False  # whether the current (or last) acquisition had to wait
+        self.released_at = 0.0
         self.fd: int | None = None
         self.writable = True
         self.owner: object = None  # the holder in this process: a thread ident, or an asyncio task
@@ -79,19 +95,85 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _REGISTRY_LOCK  # noqa: PLW0603 - the parent's registry lock may be held by a thread that is gone
+    global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
     for shared in _REGISTRY.values():
         if shared.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(shared.fd)
-            except OSError:
-                pass
         shared.__init__()  # type: ignore[misc]
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Waiter:
+    """A daemon thread per process and lock file that waits in a blocking ``flock`` on the caller's behalf.
+
+    filelock waits by polling a non-blocking flock every ``poll_interval``: a hand-over can lag a whole interval,
+    and a waiter that polls loses to a releaser that re-acquires at once, so under contention one process can
+    starve (measured: the longest wait of 8 processes was 270x the ideal). A blocking flock sits in the kernel's
+    queue and is woken at the release, but it cannot time out; so the caller waits on a condition with its
+    timeout while this thread sits in the kernel. A caller that gives up withdraws its request; if the flock is
+    granted later, the thread unlocks it again. One thread serves every wait of the process on this lock file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.cond = threading.Condition(threading.Lock())
+        self.requested = False
+        self.granted = False
+        self.busy = False  # in flock, perhaps for a request already withdrawn
+        self.error: OSError | None = None
+        threading.Thread(target=self._run, name=f"lockstore-waiter-{fd}", daemon=True).start()
+
+    def _run(self) -> None:
+        cond = self.cond
+        while True:
+            with cond:
+                while not self.requested:
+                    cond.wait()
+                self.busy = True
+            try:
+                _flock_blocking(self.fd, _LOCK_EX)  # type: ignore[arg-type]
+            except OSError as exc:
+                with cond:
+                    self.error = exc
+                    self.busy = False
+                    cond.notify_all()
+                return
+            with cond:
+                self.busy = False
+                if self.requested:
+                    self.requested = False
+                    self.granted = True
+                    cond.notify_all()
+                    continue
+            unlock_descriptor(self.fd)  # the caller timed out meanwhile
+
+    def in_flight(self) -> bool:
+        """Whether the thread sits in flock: then only it may take the lock (a second flock on the same
+        descriptor would succeed, and the thread would then release a lock that its caller believes it holds)."""
+        with self.cond:
+            return self.busy
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds (negative: forever) for the flock; True when this process now holds it."""
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            self.requested = True
+            self.granted = False
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.granted or self.error is not None, None if timeout < 0 else timeout)
+            if self.granted:
+                self.granted = False
+                return True
+            self.requested = False
+            if self.error is not None:
+                raise self.error
+            return False
 
 
 class SidecarLock:
@@ -134,10 +216,14 @@ class SidecarLock:
             raise self._timeout(time.monotonic() - start)
         try:
             fd = shared.fd if shared.fd is not None else self._open(shared)
-            if not lock_descriptor(fd, blocking=False):
+            if shared.waited and (pause := shared.released_at + HANDOFF_PAUSE - time.monotonic()) > 0:
+                time.sleep(pause)
+            shared.waited = False
+            if not self._try(shared, fd):
                 if not blocking:
                     raise self._timeout(time.monotonic() - start)
-                self._wait(fd, start, timeout, poll_interval)
+                shared.waited = True
+                self._wait(shared, fd, start, timeout, poll_interval)
             stale = self._mark(shared, fd, label)
         except BaseException:
             self._unlock_quietly(shared)
@@ -156,7 +242,7 @@ class SidecarLock:
             return None
         try:
             fd = shared.fd if shared.fd is not None else self._open(shared)
-            if not lock_descriptor(fd, blocking=False):
+            if not self._try(shared, fd):
                 shared.mutex.release()
                 return None
             stale = self._mark(shared, fd, label)
@@ -167,6 +253,12 @@ class SidecarLock:
         shared.owner = me
         shared.token = token
         return stale
+
+    @staticmethod
+    def _try(shared: _Shared, fd: int) -> bool:
+        if shared.waiter is not None and shared.waiter.in_flight():
+            return False
+        return lock_descriptor(fd, blocking=False)
 
     @staticmethod
     def _mark(shared: _Shared, fd: int, label: str | None) -> bool:
@@ -182,12 +274,17 @@ class SidecarLock:
     @staticmethod
     def _unlock_quietly(shared: _Shared) -> None:
         if shared.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 unlock_descriptor(shared.fd)
-            except OSError:
-                pass
 
-    def _wait(self, fd: int, start: float, timeout: float, poll_interval: float) -> None:
+    def _wait(self, shared: _Shared, fd: int, start: float, timeout: float, poll_interval: float) -> None:
+        if _LOCK_EX is not None:
+            if shared.waiter is None:
+                shared.waiter = _Waiter(fd)
+            remaining = -1.0 if timeout < 0 else max(0.0, start + timeout - time.monotonic())
+            if not shared.waiter.wait(remaining):
+                raise self._timeout(time.monotonic() - start)
+            return
         pause = FIRST_PAUSE
         while True:
             now = time.monotonic()
@@ -204,6 +301,7 @@ class SidecarLock:
         fd = shared.fd
         shared.owner = None
         shared.token = None
+        shared.released_at = time.monotonic()
         try:
             if fd is not None:
                 try:
@@ -214,6 +312,7 @@ class SidecarLock:
         except OSError:
             # Closing our only descriptor of the file releases the lock whatever went wrong above.
             shared.fd = None
+            shared.waiter = None  # it waits on the closed descriptor; the next wait starts a new one
             if fd is not None:
                 os.close(fd)
             raise
@@ -305,7 +404,7 @@ def _soft_holder(lock: BaseFileLock) -> Holder | None:
         mtime = os.stat(lock.lock_file).st_mtime
     except OSError:
         mtime = 0.0
-    alive = _holder._alive(pid, None, host, _holder._pid_namespace())  # noqa: SLF001
+    alive = _holder._alive(pid, None, host, _holder._pid_namespace())
     return _holder.Holder(pid=pid, host=host, user="", cmdline=[], acquired_at=mtime, label=None, alive=alive)
 
 

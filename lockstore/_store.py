@@ -227,7 +227,7 @@ class Store:
             # The file is the very one we last read or wrote. Re-parse only if the caller changed the value since.
             try:
                 same = self.format.encode(self.value) == self._disk
-            except Exception:  # noqa: BLE001 - an unencodable in-memory value just means "changed"
+            except Exception:
                 same = False
             if not same:
                 self.value = self._decode(self._disk)
@@ -363,10 +363,10 @@ class Store:
             self.commit()
 
 
-def open(  # noqa: A001 - the seed's name, kept
+def open(
     path: str | os.PathLike[str],
     default: Any = None,
-    format: object = None,  # noqa: A002 - the seed's keyword
+    format: object = None,
     is_binary: bool | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
     dump_kwargs: Mapping[str, Any] | None = None,
@@ -404,7 +404,7 @@ _JSON: Final = resolve(None)
 def read(
     path: str | os.PathLike[str],
     default: Any = None,
-    format: object = None,  # noqa: A002 - the seed's keyword
+    format: object = None,
     is_binary: bool | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
