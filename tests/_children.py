@@ -1,0 +1,252 @@
+"""Code that runs in child processes, plus the helpers that start and talk to them.
+
+Importable as ``_children`` (pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path``, and a
+``multiprocessing`` spawn child inherits that path), and runnable as a script: ``python _children.py <command>``.
+Script children say ``ready`` on stdout once they are where the test wants them, then wait for a line (or EOF) on
+stdin, so that tests synchronise on pipes and never on sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from multiprocessing.synchronize import Barrier, Event
+from typing import IO, Any
+
+import lockstore
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "_children.py")
+#: Seconds a test waits for a child to reach a point; generous because the machine may be loaded, never a pace.
+DEADLINE = 60.0
+
+
+# ----------------------------------------------------------------------------------- multiprocessing targets
+def increment(path: str, n: int, durable: bool = False) -> None:
+    """Run ``n`` transactions that each add one to the counter in ``path``."""
+    store = lockstore.open(path, default=0, durable=durable, timeout=-1)
+    for _ in range(n):
+        with store.transaction() as s:
+            s.value += 1
+
+
+def increment_inherited(store: lockstore.Store, n: int) -> None:
+    """Run ``n`` increments on a store object created before fork (fork start method only)."""
+    for _ in range(n):
+        with store.transaction() as s:
+            s.value += 1
+
+
+def racy_increment(path: str, barrier: Barrier) -> None:
+    """The negative control: read, wait until every racer has read, add one, commit (no transaction)."""
+    store = lockstore.open(path, default=0, durable=False)
+    store.reload()
+    barrier.wait(DEADLINE)
+    store.value += 1
+    store.commit()
+
+
+def hold_with_event(path: str, held: Event, release: Event) -> None:
+    """Hold a transaction on ``path`` until ``release`` is set."""
+    store = lockstore.open(path, default=0, durable=False)
+    with store.transaction(label="mp-holder"):
+        held.set()
+        release.wait(DEADLINE)
+
+
+# ----------------------------------------------------------------------------------- script children
+class Child:
+    """A script child (``python _children.py ...``) that reports ``ready`` and then waits for a line on stdin."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, SCRIPT, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.pid = self.proc.pid
+
+    def wait_ready(self) -> str:
+        """Wait for the child's ``ready`` line; return it (it may carry data after the word)."""
+        line = read_line(self.proc.stdout, DEADLINE)
+        if not line.startswith("ready"):
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=DEADLINE)
+            raise AssertionError(f"child did not get ready: {line!r}\n{err}")
+        return line
+
+    def release(self) -> str:
+        """Let the child go on; return its remaining stdout (raises if it failed)."""
+        out, err = self.proc.communicate("go\n", timeout=DEADLINE)
+        if self.proc.returncode != 0:
+            raise AssertionError(f"child failed ({self.proc.returncode}):\n{out}\n{err}")
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL the child and reap it."""
+        self.proc.kill()
+        self.proc.communicate(timeout=DEADLINE)
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.communicate(timeout=DEADLINE)
+
+
+def read_line(stream: IO[str] | None, deadline: float) -> str:
+    """Read one line from a child's pipe, failing after ``deadline`` seconds instead of hanging."""
+    assert stream is not None
+    ready, _, _ = select.select([stream], [], [], deadline)
+    if not ready:
+        raise AssertionError(f"no line from the child within {deadline} s")
+    return stream.readline().strip()
+
+
+def run(*args: str, prefix: Sequence[str] = ()) -> dict[str, Any]:
+    """Run a script child to completion and return the JSON object it prints last."""
+    proc = subprocess.run(
+        [*prefix, sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=DEADLINE, check=False
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+@contextlib.contextmanager
+def holding(path: str, label: str = "test-holder", *extra: str) -> Iterator[Child]:
+    """A child process inside ``store.transaction(label=...)`` on ``path`` for the duration of the block."""
+    with Child("hold", path, label, *extra) as child:
+        child.wait_ready()
+        yield child
+        if child.proc.poll() is None:
+            child.release()
+
+
+def _ready(data: str = "") -> None:
+    print("ready" + (" " + data if data else ""), flush=True)
+
+
+def _wait() -> None:
+    sys.stdin.readline()
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "type": type(exc).__name__, "str": str(exc),
+            "filename": getattr(exc, "filename", None), "mro": [c.__name__ for c in type(exc).__mro__]}
+
+
+def _cmd_hold(path: str, label: str, soft: str = "") -> None:
+    lock: object = True
+    if soft:
+        import filelock
+
+        lock = filelock.SoftFileLock(path + ".soft")
+    store = lockstore.open(path, default=0, durable=False, lock=lock)
+    with store.transaction(label=label) as s:
+        s.value = (s.value or 0) + 1
+        _ready()
+        _wait()
+
+
+def _cmd_hold_in_write(path: str) -> None:
+    """Block inside the atomic write, after the temp file is written and before the rename, for a SIGKILL."""
+    store = lockstore.open(path, default=0, durable=False)
+
+    def paused_replace(src: str, dst: str) -> None:
+        _ready(json.dumps({"temp": src}))
+        _wait()
+        raise AssertionError("this child should have been killed")
+
+    os.replace = paused_replace  # type: ignore[assignment]
+    with store.transaction() as s:
+        s.value = "new"
+
+
+def _cmd_flock(lock_file: str) -> None:
+    """Hold a raw flock on ``lock_file`` without writing anything into it (a process that is not lockstore)."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _ready()
+    _wait()
+
+
+def _cmd_try(path: str, timeout: str, soft: str = "") -> None:
+    """Try one transaction; print the LockTimeout's attributes as JSON."""
+    lock: object = True
+    if soft:
+        import filelock
+
+        lock = filelock.SoftFileLock(path + ".soft")
+    store = lockstore.open(path, default=0, durable=False, lock=lock)
+    try:
+        with store.transaction(float(timeout)):
+            pass
+    except lockstore.LockTimeout as exc:
+        h = exc.holder
+        out = _error(exc)
+        out.update(waited=exc.waited, lock_file=exc.lock_file, path=exc.path, stale=exc.holder_stale,
+                   holder=None if h is None else {"pid": h.pid, "cmdline": h.cmdline, "alive": h.alive,
+                                                  "label": h.label, "host": h.host})
+        print(json.dumps(out))
+        return
+    print(json.dumps({"ok": True}))
+
+
+def _cmd_holder(path: str) -> None:
+    h = lockstore.open(path, default=0).holder()
+    print(json.dumps(None if h is None else {"pid": h.pid, "cmdline": h.cmdline, "alive": h.alive,
+                                             "label": h.label}))
+
+
+def _cmd_commit(path: str, value: str, durable: str = "1") -> None:
+    """Commit ``value`` (JSON) once; print ``{"ok": true}`` or the error as JSON."""
+    store = lockstore.open(path, default=None, durable=durable == "1")
+    store.value = json.loads(value)
+    try:
+        store.commit()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        print(json.dumps(_error(exc)))
+        return
+    print(json.dumps({"ok": True}))
+
+
+def _cmd_commit_as_nobody(directory: str, name: str, value: str) -> None:
+    """Enter ``directory`` as root, drop to nobody, commit ``value`` to ``name`` there; print the outcome."""
+    import pwd
+
+    os.chdir(directory)
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    _cmd_commit(name, value)
+
+
+COMMANDS = {
+    "hold": _cmd_hold,
+    "hold_in_write": _cmd_hold_in_write,
+    "flock": _cmd_flock,
+    "try": _cmd_try,
+    "holder": _cmd_holder,
+    "commit": _cmd_commit,
+    "commit_as_nobody": _cmd_commit_as_nobody,
+}
+
+
+if __name__ == "__main__":
+    COMMANDS[sys.argv[1]](*sys.argv[2:])  # type: ignore[operator]
