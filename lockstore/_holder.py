@@ -135,6 +135,30 @@ def _alive(pid: int, start: float | None, host: str, pidns: str | None) -> bool 
     return bool(abs(created - float(start)) <= _START_TOLERANCE)
 
 
+def soft_marker_holder(pid: int, host: str, written_at: float) -> Holder:
+    """A Holder for a filelock soft-lock marker, which records only pid and host.
+
+    A live local process that started after the marker was written cannot have written it (a reused pid).
+    """
+    alive: bool | None = None
+    cmdline: list[str] = []
+    user = ""
+    here = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+    if host == here:
+        import psutil
+
+        try:
+            proc = psutil.Process(pid)
+            alive = proc.create_time() <= written_at + _START_TOLERANCE
+            if alive:
+                cmdline, user = proc.cmdline(), proc.username()
+        except psutil.NoSuchProcess:
+            alive = False
+        except psutil.Error:
+            alive = None
+    return Holder(pid=pid, host=host, user=user, cmdline=cmdline, acquired_at=written_at, label=None, alive=alive)
+
+
 def _own_start_time() -> float | None:
     # Linux: what psutil computes, without importing it (start ticks since boot / CLK_TCK + boot time).
     try:

@@ -403,9 +403,8 @@ def _soft_holder(lock: BaseFileLock) -> Holder | None:
     try:
         mtime = os.stat(lock.lock_file).st_mtime
     except OSError:
-        mtime = 0.0
-    alive = _holder._alive(pid, None, host, _holder._pid_namespace())
-    return _holder.Holder(pid=pid, host=host, user="", cmdline=[], acquired_at=mtime, label=None, alive=alive)
+        return None
+    return _holder.soft_marker_holder(pid, host, mtime)
 
 
 def build(lock: object, path: str) -> Lock | None:
