@@ -282,7 +282,12 @@ class SidecarLock:
             if shared.waiter is None:
                 shared.waiter = _Waiter(fd)
             remaining = -1.0 if timeout < 0 else max(0.0, start + timeout - time.monotonic())
-            if not shared.waiter.wait(remaining):
+            try:
+                got = shared.waiter.wait(remaining)
+            except OSError as exc:
+                shared.waiter = None  # its thread has ended; the next wait starts a new one
+                raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
+            if not got:
                 raise self._timeout(time.monotonic() - start)
             return
         pause = FIRST_PAUSE
