@@ -1,0 +1,172 @@
+"""Child processes of the reliability suite, run as ``sys.executable _child.py MODE ARGS...``.
+
+Modes
+- ``loop PATH [--inplace] [--pad N]``: transaction loop; after each transaction returns, print its counter (ack).
+- ``op PATH KIND [--inplace] [--nofsync] [--pad N]``: print ``ready``, wait for ``go`` on stdin, run one operation
+  (KIND = transaction | commit), print ``ok`` or ``error <class> <errno> <filename>``.
+- ``trylock PATH``: print ``free`` when the store's sidecar lock can be taken at once, else ``busy``.
+- ``nobody PATH``: drop privileges to nobody, try a transaction, print the outcome like ``op``.
+- ``fsize PATH LIMIT``: commit a value larger than RLIMIT_FSIZE allows (a real short write, then EFBIG).
+- ``shortwrites PATH``: every os.write writes at most 7 bytes; commit and print ``ok``.
+- ``rss PATH MB FORMAT``: commit and reload an MB-sized value; print the peak RSS growth in bytes.
+
+Negative-control patches (applied in this process only): ``--inplace`` replaces the atomic writer by one that
+truncates and rewrites the data file in place; ``--nofsync`` turns os.fsync into a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import signal
+import sys
+from typing import Any
+
+import lockstore
+import lockstore._atomic
+from reliability._harness import bump, make_value
+
+
+def _inplace_write(path: str, data: bytes, *, durable: bool, like: os.stat_result | None) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    view = memoryview(data)
+    # Small writes make the torn window wide enough for a random kill to land in it.
+    while view:
+        view = view[os.write(fd, view[:512]) :]
+    if durable:
+        os.fsync(fd)
+    return fd
+
+
+def _patch(argv: list[str]) -> None:
+    if "--inplace" in argv:
+        lockstore._atomic.write = _inplace_write
+        import lockstore._store
+
+        lockstore._store._atomic.write = _inplace_write  # type: ignore[attr-defined]
+    if "--nofsync" in argv:
+        os.fsync = lambda fd: None
+
+
+def _pad(argv: list[str]) -> int:
+    return int(argv[argv.index("--pad") + 1]) if "--pad" in argv else 64
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    no = getattr(exc, "errno", None)
+    name = getattr(exc, "filename", None) or getattr(exc, "path", None)
+    return f"error {type(exc).__name__} {no} {name}"
+
+
+def _one(path: str, kind: str, pad: int) -> None:
+    store = lockstore.open(path, default=make_value(0, pad))
+    if kind == "transaction":
+        with store.transaction() as s:
+            s.value = bump(s.value, pad)
+    elif kind == "commit":
+        store.value = bump(store.reload(), pad)
+        store.commit()
+    else:
+        raise ValueError(kind)
+
+
+def main(argv: list[str]) -> int:
+    mode, path = argv[0], argv[1]
+    _patch(argv)
+    if mode == "loop":
+        pad = _pad(argv)
+        store = lockstore.open(path, default=make_value(0, pad))
+        while True:
+            with store.transaction() as s:
+                s.value = bump(s.value, pad)
+                n = s.value["n"]
+            os.write(1, f"{n}\n".encode())
+    if mode == "op":
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 2
+        try:
+            _one(path, argv[2], _pad(argv))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            print(_outcome(exc), flush=True)
+            return 0
+        print("ok", flush=True)
+        return 0
+    if mode == "trylock":
+        fd = os.open(path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("busy")
+        else:
+            print("free")
+        return 0
+    if mode == "nobody":
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            _one(path, "transaction", 64)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            print(_outcome(exc), flush=True)
+            return 0
+        print("ok", flush=True)
+        return 0
+    if mode == "fsize":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(argv[2])
+        store = lockstore.open(path, default=make_value(0))
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        store.value = bump(store.value, 4 * limit)
+        try:
+            store.commit()
+        except OSError as exc:
+            print(_outcome(exc), flush=True)
+            return 0
+        print("ok", flush=True)
+        return 0
+    if mode == "shortwrites":
+        real = os.write
+        calls = [0]
+
+        def short(fd: int, data: Any) -> int:
+            calls[0] += 1
+            return real(fd, bytes(memoryview(data)[:7]))
+
+        os.write = short
+        store = lockstore.open(path, default=make_value(0))
+        store.value = bump(store.value, 1000)
+        store.commit()
+        os.write = real
+        print(f"ok {calls[0]}", flush=True)
+        return 0
+    if mode == "rss":
+        size = int(argv[2]) * 1_000_000
+        fmt = argv[3]
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        value: Any = {"blob": "x" * size} if fmt == "json" else {"blob": b"x" * size}
+        store = lockstore.open(path, format=fmt, default={})
+        store.value = value
+        store.commit()
+        del value
+        store.value = None
+        store.close()
+        lockstore.open(path, format=fmt, default={})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(peak - base, flush=True)
+        return 0
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            sys.exit(0)
+        raise

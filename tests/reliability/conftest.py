@@ -1,0 +1,40 @@
+"""Fixtures of the reliability suite and its end-of-run scorecard."""
+
+from __future__ import annotations
+
+import pytest
+
+from ._harness import ROWS, SCORE
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """Print the scorecard when any reliability test ran (counts from harness children are booked by the tests)."""
+    if not SCORE:
+        return
+    tr = terminalreporter
+    tr.section("lockstore reliability scorecard")
+    width = max(len(r) for r in ROWS)
+    for row in ROWS:
+        tr.write_line(f"{row:<{width}}  {SCORE.get(row, 0):>8}")
+    extra = sorted(set(SCORE) - set(ROWS))
+    for row in extra:
+        tr.write_line(f"{row:<{width}}  {SCORE[row]:>8}")
+    if SCORE.get("violations", 0):
+        tr.write_line("VIOLATIONS FOUND: see the failed tests above", red=True, bold=True)
+
+
+_TIERS = ("stress", "root")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the default run fast: without ``-m``, skip this suite's stress and root tiers with a reason."""
+    if config.option.markexpr:
+        return
+    here = __file__.rsplit("/", 1)[0]
+    for item in items:
+        if not str(item.path).startswith(here):
+            continue
+        for tier in _TIERS:
+            if item.get_closest_marker(tier):
+                item.add_marker(pytest.mark.skip(reason=f"{tier} tier: run with -m \"stress or root\" (tox -e stress)"))
+                break
