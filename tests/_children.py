@@ -115,16 +115,15 @@ def read_line(stream: IO[str] | None, deadline: float) -> str:
     return stream.readline().strip()
 
 
-def run(*args: str, prefix: Sequence[str] = ()) -> dict[str, Any]:
-    """Run a script child to completion and return the JSON object it prints last."""
+def run(*args: str, prefix: Sequence[str] = ()) -> Any:
+    """Run a script child to completion and return the JSON value it prints last."""
     proc = subprocess.run(
         [*prefix, sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=DEADLINE, check=False
     )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return json.loads(lines[-1])
 
 
 @contextlib.contextmanager

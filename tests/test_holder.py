@@ -1,0 +1,288 @@
+"""``lockstore/_holder.py`` and issue 3's diagnostics, with real processes holding real locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import filelock
+import pytest
+from _children import Child, holding, run
+
+import lockstore
+from lockstore import _holder
+
+
+def own_start() -> float:
+    import psutil
+
+    return float(psutil.Process().create_time())
+
+
+def fake_record(pid: int, *, start: float | None, host: str | None = None, label: str | None = None) -> bytes:
+    raw: dict[str, Any] = {
+        "pid": pid, "start": start, "pidns": os.readlink("/proc/self/ns/pid"),
+        "host": host if host is not None else os.uname().nodename, "user": "someone",
+        "cmd": ["python", "ghost.py"], "at": 1.0,
+    }
+    if label is not None:
+        raw["label"] = label
+    return (json.dumps(raw) + "\n").encode()
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True, timeout=60)
+    return int(proc.stdout)
+
+
+# ----------------------------------------------------------------------------------- parsing and liveness
+def test_record_round_trip_is_this_process() -> None:
+    h = _holder.parse(_holder.record("my-label"))
+    assert h is not None
+    assert h.pid == os.getpid()
+    assert h.host == os.uname().nodename
+    assert h.alive is True
+    assert h.label == "my-label"
+    assert h.cmdline
+    assert abs(h.acquired_at - __import__("time").time()) < 3600
+    assert h.held_for >= 0
+
+
+def test_parse_empty_and_garbage() -> None:
+    assert _holder.parse(b"") is None
+    assert _holder.parse(b"\n") is None
+    assert _holder.parse(b'{"pid": 1') is None  # torn
+    assert _holder.parse(b"12345\nhost\n") is None  # not ours
+
+
+def test_pid_reuse_wrong_start_time_is_not_alive() -> None:
+    h = _holder.parse(fake_record(os.getpid(), start=own_start() - 1000))
+    assert h is not None
+    assert h.alive is False
+    # negative control: the right start time makes the same pid alive
+    right = _holder.parse(fake_record(os.getpid(), start=own_start()))
+    assert right is not None
+    assert right.alive is True
+
+
+def test_dead_pid_is_not_alive() -> None:
+    h = _holder.parse(fake_record(dead_pid(), start=1.0))
+    assert h is not None
+    assert h.alive is False
+
+
+def test_other_host_liveness_unknown() -> None:
+    h = _holder.parse(fake_record(os.getpid(), start=own_start(), host="elsewhere.example"))
+    assert h is not None
+    assert h.alive is None
+    assert "liveness unknown" in h.describe()
+
+
+def test_other_pid_namespace_liveness_unknown() -> None:
+    raw = json.loads(fake_record(os.getpid(), start=own_start()))
+    raw["pidns"] = "pid:[1]"
+    h = _holder.parse(json.dumps(raw).encode())
+    assert h is not None
+    assert h.alive is None
+
+
+def test_holder_is_frozen() -> None:
+    h = _holder.parse(_holder.record(None))
+    assert h is not None
+    with pytest.raises(AttributeError):
+        h.pid = 1  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------- real processes
+def test_record_appears_while_held_and_disappears(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0)
+    assert store.holder() is None
+    with holding(p, "nightly-rollup", "") as child:
+        h = store.holder()
+        assert h is not None
+        assert h.pid == child.pid
+        assert h.alive is True
+        assert h.label == "nightly-rollup"
+        assert h.host == os.uname().nodename
+        assert any(a.endswith("_children.py") for a in h.cmdline)
+        assert "hold" in h.cmdline and "nightly-rollup" in h.cmdline
+        assert os.path.getsize(p + ".lock") > 0
+        # from another process too
+        seen = run("holder", p)
+        assert seen["pid"] == child.pid and seen["alive"] is True and seen["label"] == "nightly-rollup"
+    assert store.holder() is None
+    assert os.path.getsize(p + ".lock") == 0
+    assert run("holder", p) is None
+
+
+def test_holder_inside_own_transaction(tmp_path: Path) -> None:
+    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
+    with store.transaction(label="mine"):
+        h = store.holder()
+        assert h is not None
+        assert h.pid == os.getpid()
+        assert h.label == "mine"
+        assert h.alive is True
+    assert store.holder() is None
+
+
+def test_lock_timeout_in_second_process_names_holder(tmp_path: Path) -> None:
+    p = str(tmp_path / "counter.json")
+    with holding(p, "nightly-rollup") as child:
+        out = run("try", p, "0.2")
+    assert out["type"] == "LockTimeout"
+    assert out["holder"]["pid"] == child.pid
+    assert out["holder"]["alive"] is True
+    assert out["holder"]["label"] == "nightly-rollup"
+    assert "hold" in out["holder"]["cmdline"]
+    assert out["stale"] is False
+    assert out["waited"] >= 0.2
+    assert out["lock_file"] == p + ".lock"
+    text = out["str"]
+    assert f"pid {child.pid}" in text
+    assert "(alive)" in text
+    assert "_children.py hold" in text
+    assert "[label: nightly-rollup]" in text
+    assert "counter.json" in text
+    assert "deleting the lock file does not help" in text
+
+
+def test_killed_holder(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False)
+    with Child("hold", p, "doomed") as child:
+        child.wait_ready()
+        assert store.holder() is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.proc.wait(60)
+    record = _holder.parse(Path(p + ".lock").read_bytes())
+    assert record is not None  # the OS freed the lock, the record remains
+    assert record.pid == child.pid
+    assert record.alive is False
+    assert store.holder() is None  # the lock is free
+    with store.transaction(timeout=0) as s:
+        s.value += 1
+    assert lockstore.read(p) == 1  # the killed holder's change was never written
+    assert os.path.getsize(p + ".lock") == 0
+
+
+def test_stale_record_while_lock_held_by_a_process_without_record(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    lock_file = p + ".lock"
+    ghost = dead_pid()
+    with open(lock_file, "wb") as f:
+        f.write(fake_record(ghost, start=1.0, label="ghost"))
+    with Child("flock", lock_file) as child:
+        child.wait_ready()
+        store = lockstore.open(p, default=0, durable=False)
+        h = store.holder()
+        assert h is not None
+        assert h.pid == ghost
+        assert h.alive is False
+        with pytest.raises(lockstore.LockTimeout) as info, store.transaction(0.1):
+            pass
+        child.release()
+    exc = info.value
+    assert exc.holder is not None and exc.holder.pid == ghost
+    assert exc.holder_stale is True
+    assert "stale" in str(exc)
+    assert "(alive)" not in str(exc)
+    # once the raw holder is gone, the next transaction succeeds and replaces the stale record
+    with store.transaction(timeout=0) as s:
+        s.value = 1
+    assert os.path.getsize(lock_file) == 0
+
+
+def test_lock_held_without_any_record(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    with Child("flock", p + ".lock") as child:
+        child.wait_ready()
+        store = lockstore.open(p, default=0, durable=False)
+        assert store.holder() is None  # held, but nobody to name
+        with pytest.raises(lockstore.LockTimeout) as info, store.transaction(0.05):
+            pass
+        child.release()
+    assert info.value.holder is None
+    assert "no record" in str(info.value)
+
+
+def test_pid_reuse_live_process_is_not_the_holder(tmp_path: Path) -> None:
+    # the lock is held by a live process; the record carries that live pid but another start time
+    p = str(tmp_path / "d.json")
+    lock_file = p + ".lock"
+    with Child("flock", lock_file) as child:
+        child.wait_ready()
+        with open(lock_file, "wb") as f:
+            f.write(fake_record(child.pid, start=1.0))
+        h = lockstore.open(p, default=0).holder()
+        assert h is not None
+        assert h.pid == child.pid
+        assert h.alive is False
+        child.release()
+
+
+def test_other_host_holder_is_never_broken(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    lock_file = p + ".lock"
+    with Child("flock", lock_file) as child:
+        child.wait_ready()
+        with open(lock_file, "wb") as f:
+            f.write(fake_record(child.pid, start=1.0, host="elsewhere.example"))
+        store = lockstore.open(p, default=0, durable=False)
+        with pytest.raises(lockstore.LockTimeout) as info, store.transaction(0.05):
+            pass
+        assert info.value.holder is not None
+        assert info.value.holder.alive is None
+        assert "liveness unknown" in str(info.value)
+        assert not info.value.holder_stale
+        child.release()
+
+
+# ----------------------------------------------------------------------------------- soft locks
+def test_soft_lock_holder_and_timeout(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False, lock=filelock.SoftFileLock(p + ".soft"))
+    with store.transaction() as s:
+        s.value += 1
+        h = store.holder()
+        assert h is not None
+        assert h.pid == os.getpid()
+        assert h.alive is True
+    assert store.holder() is None
+    with holding(p, "soft-holder", "soft") as child:
+        h = store.holder()
+        assert h is not None
+        assert h.pid == child.pid
+        assert h.alive is True
+        assert h.host == socket.gethostname() or h.host == os.uname().nodename
+        out = run("try", p, "0.1", "soft")
+        assert out["type"] == "LockTimeout"
+        assert out["holder"]["pid"] == child.pid
+        assert f"pid {child.pid}" in out["str"]
+    with store.transaction(timeout=0) as s:
+        assert s.value == 2
+        s.value += 1
+    assert lockstore.read(p) == 3
+
+
+def test_soft_lock_killed_holder_does_not_block(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False, lock=filelock.SoftFileLock(p + ".soft"))
+    with Child("hold", p, "doomed", "soft") as child:
+        child.wait_ready()
+        os.kill(child.pid, signal.SIGKILL)
+        child.proc.wait(60)
+    assert os.path.exists(p + ".soft")  # the marker remains
+    h = store.holder()
+    assert h is not None and h.alive is False
+    with store.transaction(timeout=30) as s:  # filelock reclaims a marker whose owner is provably dead
+        s.value += 1
+    assert lockstore.read(p) == 1
