@@ -1,0 +1,157 @@
+"""``lockstore/_lock.py``: building locks, the native sidecar lock across threads and processes, soft locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import stat
+import threading
+from pathlib import Path
+
+import filelock
+import pytest
+from _children import DEADLINE, holding, run
+
+import lockstore
+from lockstore import _lock
+
+
+def test_build(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    assert _lock.build(False, p) is None
+    assert _lock.build(None, p) is None
+    native = _lock.build(True, p)
+    assert isinstance(native, _lock.SidecarLock)
+    assert native.lock_file == p + ".lock"
+    other = _lock.build(tmp_path / "o.lock", p)
+    assert isinstance(other, _lock.SidecarLock)
+    assert other.lock_file == str(tmp_path / "o.lock")
+    soft = filelock.SoftFileLock(str(tmp_path / "s.lock"))
+    adapter = _lock.build(soft, p)
+    assert isinstance(adapter, _lock.FileLockAdapter)
+    assert adapter.lock is soft
+    with pytest.raises(TypeError, match="lock="):
+        _lock.build(1, p)
+
+
+def test_lock_file_created_on_first_lock_and_kept(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default=0, durable=False)
+    with store.transaction() as s:
+        s.value = 1
+        st = os.stat(str(p) + ".lock")
+        assert st.st_size > 0  # the holder record
+    after = os.stat(str(p) + ".lock")
+    assert after.st_ino == st.st_ino  # never deleted or replaced
+    assert after.st_size == 0  # the record is cleared before release
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(after.st_mode) == 0o666 & ~umask
+
+
+def test_threads_exclude_each_other(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    a = lockstore.open(p, default=0, durable=False)
+    b = lockstore.open(p, default=0, durable=False)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with a.transaction(label="thread-a") as s:
+            s.value = 1
+            held.set()
+            release.wait(DEADLINE)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(DEADLINE)
+        for kwargs in ({"timeout": 0.05}, {"blocking": False}, {"timeout": 0}):
+            with pytest.raises(lockstore.LockTimeout) as info, b.transaction(**kwargs):  # type: ignore[arg-type]
+                pass
+            assert info.value.holder is not None
+            assert info.value.holder.pid == os.getpid()
+            assert info.value.holder.label == "thread-a"
+        h = b.holder()
+        assert h is not None and h.label == "thread-a"
+    finally:
+        release.set()
+        t.join(DEADLINE)
+    with b.transaction(blocking=False) as s:
+        assert s.value == 1
+
+
+def test_negative_timeout_waits_for_the_holder(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False, timeout=-1)
+    seen: list[object] = []
+    with holding(p) as child:
+        t = threading.Thread(target=lambda: seen.append(_read_in_transaction(store)))
+        t.start()
+        child.release()  # the child writes 1 when it leaves its transaction
+        t.join(DEADLINE)
+    assert not t.is_alive()
+    assert seen == [1]  # the waiter entered only after the holder's write
+
+
+def _read_in_transaction(store: lockstore.Store) -> object:
+    with store.transaction() as s:
+        return s.value
+
+
+def test_timed_out_waiter_does_not_keep_the_lock(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False)
+    with holding(p):
+        with pytest.raises(lockstore.LockTimeout), store.transaction(0.05):
+            pass
+    # the holder has gone; another process must get the lock at once, whatever this one left waiting
+    assert run("try", p, "10") == {"ok": True}
+    assert store.holder() is None
+    with store.transaction(timeout=10) as s:
+        assert s.value == 1
+        s.value = 2
+    assert run("try", p, "10") == {"ok": True}
+    assert lockstore.read(p) == 2
+
+
+def test_many_timeouts_then_contended_use(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False)
+    with holding(p):
+        for _ in range(5):
+            with pytest.raises(lockstore.LockTimeout), store.transaction(0.01):
+                pass
+    for _ in range(20):
+        with store.transaction(timeout=10) as s:
+            s.value += 1
+    assert lockstore.read(p) == 21
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_read_only_lock_file_still_locks(tmp_path: Path) -> None:
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o777)  # nobody may write data files here
+    lock_file = d / "d.json.lock"
+    lock_file.touch()
+    os.chmod(lock_file, 0o644)  # but not the lock file
+    out = run("commit_as_nobody", str(d), "d.json", json.dumps({"v": 1}))
+    assert out == {"ok": True}
+    assert lockstore.read(d / "d.json") == {"v": 1}
+    assert lock_file.read_bytes() == b""  # no record could be written
+    assert os.stat(d / "d.json").st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+def test_filelock_adapter_reentry_and_release(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    soft = filelock.SoftFileLock(str(tmp_path / "s.lock"))
+    a = lockstore.open(p, default=0, lock=soft, durable=False)
+    with a.transaction() as s:
+        s.value = 1
+        assert soft.is_locked
+    assert not soft.is_locked
+    assert a.holder() is None
+    with pytest.raises(RuntimeError), a.transaction():
+        raise RuntimeError
+    assert not soft.is_locked
