@@ -1,0 +1,325 @@
+"""The competitors: each does the same job, read-modify-write increments of one shared counter.
+
+A competitor prepares the shared state (``init``), opens it once per process (``open``, outside the timed loop,
+as a long-running worker would), runs one increment per call of the returned ``op`` and says how long that
+increment waited for its lock (0 for those without one), and reads the final count (``count``) to check that no
+update was lost. Everything here runs in the worker processes too, so it must be importable on its own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+Op = Callable[[], float]
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def make_value(size: int) -> dict[str, Any]:
+    """A JSON object of about ``size`` encoded bytes: the counter ``n`` plus records that pad it out."""
+    value: dict[str, Any] = {"n": 0, "items": []}
+    base = len(json.dumps(value))
+    if size <= 200:
+        value["pad"] = "x" * max(0, size - base - 10)
+        return value
+    item = {"id": 0, "name": "item-000000", "score": 0.5, "tags": ["a", "b"]}
+    per = len(json.dumps(item)) + 2
+    value["items"] = [
+        {"id": i, "name": f"item-{i:06d}", "score": i / 7, "tags": ["a", "b"]} for i in range((size - base) // per)
+    ]
+    return value
+
+
+def read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        while chunk := os.read(fd, max(size + 1, 65536)):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def floor_write(path: str, data: bytes, *, durable: bool) -> None:
+    """The atomic replace as bare system calls: temp O_EXCL, write, fsync, rename, fsync the directory."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
+    try:
+        write_all(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    if durable:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class Competitor:
+    """One way of doing the job; subclasses override ``open`` (and ``init``/``count`` when not a JSON file)."""
+
+    name = ""
+    label = ""
+    #: False for those that lose updates by design (no lock): a wrong count is expected, not a bug.
+    locks = True
+    #: Only the file-based competitors take a large value.
+    any_size = True
+
+    def init(self, path: str, value: dict[str, Any]) -> None:
+        floor_write(path, json.dumps(value).encode(), durable=False)
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        raise NotImplementedError
+
+    def count(self, path: str) -> int:
+        return int(json.loads(read_bytes(path))["n"])
+
+
+class Floor(Competitor):
+    def __init__(self, *, durable: bool) -> None:
+        self.durable = durable
+        self.name = "floor" if durable else "floor-nd"
+        self.label = "floor: bare syscalls" + ("" if durable else " (no fsync)")
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        lfd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666)
+        durable = self.durable
+
+        def op() -> float:
+            start = perf_counter()
+            fcntl.flock(lfd, fcntl.LOCK_EX)
+            waited = perf_counter() - start
+            try:
+                value = json.loads(read_bytes(path))
+                value["n"] += 1
+                floor_write(path, json.dumps(value).encode(), durable=durable)
+            finally:
+                fcntl.flock(lfd, fcntl.LOCK_UN)
+            return waited
+
+        return op, lambda: os.close(lfd)
+
+
+class Recipe(Competitor):
+    """The hand-written recipe: filelock.FileLock (its defaults) + json + atomicwrites.atomic_write."""
+
+    def __init__(self, *, durable: bool) -> None:
+        self.durable = durable
+        self.name = "recipe" if durable else "recipe-nd"
+        self.label = "filelock+json+atomicwrites" + ("" if durable else " (no fsync)")
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        import atomicwrites
+        import filelock
+
+        lock = filelock.FileLock(path + ".lock")
+        writer: type[Any] = atomicwrites.AtomicWriter
+        if not self.durable:
+
+            class NoSync(atomicwrites.AtomicWriter):  # type: ignore[misc]
+                def sync(self, f: Any) -> None:
+                    f.flush()
+
+                def commit(self, f: Any) -> None:
+                    os.replace(f.name, self._path)
+
+            writer = NoSync
+
+        def op() -> float:
+            start = perf_counter()
+            with lock:
+                waited = perf_counter() - start
+                with open(path) as f:
+                    value = json.load(f)
+                value["n"] += 1
+                with atomicwrites.atomic_write(path, writer_cls=writer, overwrite=True) as f:
+                    json.dump(value, f)
+            return waited
+
+        return op, lambda: None
+
+
+class AtomicStoreNoLock(Competitor):
+    name = "atomic_store"
+    label = "atomic_store 0.0.1 (no lock)"
+    locks = False
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        import atomic_store
+
+        def op() -> float:
+            with atomic_store.open(path, default=None) as store:
+                store.value["n"] += 1
+            return 0.0
+
+        return op, lambda: None
+
+
+class Sqlite(Competitor):
+    any_size = False
+
+    def __init__(self, journal: str, synchronous: str) -> None:
+        self.journal = journal
+        self.synchronous = synchronous
+        self.name = f"sqlite-{journal.lower()}-{synchronous.lower()}"
+        self.label = f"sqlite3 {journal} synchronous={synchronous}"
+
+    def _connect(self, path: str) -> sqlite3.Connection:
+        con = sqlite3.connect(path, timeout=120, isolation_level=None)
+        con.execute(f"PRAGMA journal_mode={self.journal}")
+        con.execute(f"PRAGMA synchronous={self.synchronous}")
+        return con
+
+    def init(self, path: str, value: dict[str, Any]) -> None:
+        con = self._connect(path)
+        con.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v INTEGER)")
+        con.execute("INSERT INTO kv VALUES ('n', ?)", (value["n"],))
+        con.close()
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        con = self._connect(path)
+
+        def op() -> float:
+            start = perf_counter()
+            con.execute("BEGIN IMMEDIATE")
+            waited = perf_counter() - start
+            try:
+                (n,) = con.execute("SELECT v FROM kv WHERE k = 'n'").fetchone()
+                con.execute("UPDATE kv SET v = ? WHERE k = 'n'", (n + 1,))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return waited
+
+        return op, con.close
+
+    def count(self, path: str) -> int:
+        con = sqlite3.connect(path)
+        try:
+            return int(con.execute("SELECT v FROM kv WHERE k = 'n'").fetchone()[0])
+        finally:
+            con.close()
+
+
+class DiskCache(Competitor):
+    name = "diskcache"
+    label = "diskcache Cache.incr (WAL, synchronous=NORMAL)"
+    any_size = False
+
+    def init(self, path: str, value: dict[str, Any]) -> None:
+        import diskcache
+
+        with diskcache.Cache(path + ".dc") as cache:
+            cache.set("n", value["n"])
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        import diskcache
+
+        cache = diskcache.Cache(path + ".dc")
+
+        def op() -> float:
+            cache.incr("n")
+            return 0.0
+
+        return op, cache.close
+
+    def count(self, path: str) -> int:
+        import diskcache
+
+        with diskcache.Cache(path + ".dc") as cache:
+            return int(cache.get("n"))
+
+
+def no_record_lock(path: str) -> Any:
+    """lockstore's sidecar lock with the holder record switched off (a subclass; lockstore itself is untouched)."""
+    from lockstore import _lock
+
+    class NoRecordLock(_lock.SidecarLock):
+        @staticmethod
+        def _mark(shared: Any, fd: int, label: str | None) -> bool:
+            return False
+
+        def release(self) -> None:
+            # ``writable`` only gates the record's truncation here; one thread per store in the benchmarks.
+            shared = self._shared
+            shared.writable = False
+            try:
+                super().release()
+            finally:
+                shared.writable = True
+
+    return NoRecordLock(path + ".lock", data_path=path)
+
+
+class Lockstore(Competitor):
+    def __init__(self, *, durable: bool, record: bool = True) -> None:
+        self.durable = durable
+        self.record = record
+        self.name = ("lockstore" if durable else "lockstore-nd") + ("" if record else "-norecord")
+        self.label = "lockstore" + ("" if durable else " durable=False") + ("" if record else " (no holder record)")
+
+    def open(self, path: str) -> tuple[Op, Callable[[], None]]:
+        import lockstore
+
+        store = lockstore.open(path, durable=self.durable)
+        if not self.record:
+            store._lock = no_record_lock(path)
+
+        def op() -> float:
+            start = perf_counter()
+            with store.transaction() as s:
+                waited = perf_counter() - start
+                s.value["n"] += 1
+            return waited
+
+        return op, store.close
+
+    def count(self, path: str) -> int:
+        import lockstore
+
+        return int(lockstore.read(path)["n"])
+
+
+COUNTER: list[Competitor] = [
+    Floor(durable=True),
+    Floor(durable=False),
+    Recipe(durable=True),
+    Recipe(durable=False),
+    AtomicStoreNoLock(),
+    Sqlite("WAL", "FULL"),
+    Sqlite("DELETE", "FULL"),
+    Sqlite("WAL", "NORMAL"),
+    DiskCache(),
+    Lockstore(durable=True),
+    Lockstore(durable=False),
+]
+EXTRA: list[Competitor] = [Lockstore(durable=True, record=False), Lockstore(durable=False, record=False)]
+BY_NAME: dict[str, Competitor] = {c.name: c for c in COUNTER + EXTRA}
+
+
+def fresh_dir(root: str, tag: str) -> str:
+    """An empty directory for one run (the previous one of the same tag is removed)."""
+    path = os.path.join(root, tag)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path

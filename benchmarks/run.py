@@ -1,0 +1,367 @@
+"""Run every benchmark case, print the tables, write results/latest.md and results/throughput.png.
+
+Usage: ``tox -e bench`` (or ``python benchmarks/run.py [--quick] [--dir DIR] [--only CASE ...]``).
+
+Every competitor of a case runs in the same run, interleaved round-robin over the repeats; the tables give medians,
+the spread of the repeats, paired ratios and the correctness of the final count next to the speed. Nothing here is
+ever asserted: the targets are reported as met or not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import _micro  # noqa: E402 - after the path set-up above
+from _jobs import BY_NAME, COUNTER, fresh_dir, make_value  # noqa: E402
+from _pool import Pool, RunResult  # noqa: E402
+from _report import (  # noqa: E402
+    Section,
+    Target,
+    fmt_rate,
+    fmt_time,
+    machine,
+    median,
+    paired_ratio,
+    plot,
+    quantile,
+    spread,
+)
+
+CASES = ("counter", "size", "fairness", "read", "nochange", "large", "holder", "import", "cli")
+
+
+@dataclass(frozen=True)
+class Config:
+    processes: tuple[int, ...]
+    counter_ops: int  # increments per run, split over the processes
+    counter_repeats: int
+    size_ops: int
+    size_repeats: int
+    fair_per_process: int
+    fair_repeats: int
+    read_n: int
+    micro_repeats: int
+    nochange_n: int
+    large_repeats: int
+    import_repeats: int
+
+
+FULL = Config((1, 2, 4, 8), 400, 5, 160, 5, 200, 3, 2000, 9, 200, 3, 15)
+QUICK = Config((1, 2, 4, 8), 80, 2, 40, 2, 50, 1, 300, 3, 50, 1, 4)
+
+
+class Bench:
+    def __init__(self, cfg: Config, root: str) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.pool = Pool(max(cfg.processes))
+        self.sections: list[Section] = []
+        self.targets: list[Target] = []
+        self.plot_path: str | None = None
+
+    def show(self, section: Section) -> None:
+        self.sections.append(section)
+        print(section.text(), flush=True)
+
+    # --------------------------------------------------------------------- multi-process runs
+    def run_one(self, name: str, processes: int, per_process: int, size: int) -> tuple[RunResult, int, int]:
+        comp = BY_NAME[name]
+        work = fresh_dir(self.root, "run")
+        path = os.path.join(work, "counter.json")
+        comp.init(path, make_value(size))
+        result = self.pool.run(name, path, processes, per_process)
+        final = comp.count(path)
+        shutil.rmtree(work, ignore_errors=True)
+        return result, final, processes * per_process
+
+    def matrix(self, names: list[str], procs: tuple[int, ...], ops: int, repeats: int, size: int
+               ) -> dict[tuple[str, int], list[tuple[RunResult, int, int]]]:
+        """Every (competitor, P) once per repeat, the competitors' order rotating from one repeat to the next."""
+        out: dict[tuple[str, int], list[tuple[RunResult, int, int]]] = {(n, p): [] for n in names for p in procs}
+        for r in range(repeats):
+            for p in procs:
+                k = (r + p) % len(names)
+                for name in names[k:] + names[:k]:
+                    out[name, p].append(self.run_one(name, p, max(1, ops // p), size))
+        return out
+
+    def warm_up(self) -> None:
+        for comp in COUNTER:
+            self.run_one(comp.name, max(self.cfg.processes), 2, 100)
+
+    @staticmethod
+    def correctness(runs: list[tuple[RunResult, int, int]]) -> str:
+        wrong = [(final, expected) for _, final, expected in runs if final != expected]
+        if not wrong:
+            return f"ok ({len(runs)}/{len(runs)} runs)"
+        lost = max(expected - final for final, expected in wrong)
+        expected = wrong[0][1]
+        return f"LOST UPDATES in {len(wrong)}/{len(runs)} runs (worst: {lost} of {expected} lost)"
+
+    def counter(self) -> None:
+        cfg = self.cfg
+        names = [c.name for c in COUNTER]
+        res = self.matrix(names, cfg.processes, cfg.counter_ops, cfg.counter_repeats, 100)
+        tp = {key: [r.throughput for r, _, _ in runs] for key, runs in res.items()}
+        p1, pmax = cfg.processes[0], cfg.processes[-1]
+        header = ["competitor", *[f"P={p} ops/s" for p in cfg.processes], f"x floor (P={p1})",
+                  f"P={pmax}/P={p1}", "median txn (P=1)", "correct final count"]
+        sec = Section(f"Shared counter, 100 B JSON value, {cfg.counter_ops} increments per run split over P processes,"
+                      f" {cfg.counter_repeats} repeats", header)
+        for comp in COUNTER:
+            floor = "floor" if getattr(comp, "durable", True) else "floor-nd"
+            row = [comp.label]
+            row += [f"{fmt_rate(median(tp[comp.name, p]))} (±{spread(tp[comp.name, p]) / 2:.0f}%)"
+                    for p in cfg.processes]
+            row.append(f"{paired_ratio(tp[comp.name, p1], tp[floor, p1]):.2f}")
+            row.append(f"{paired_ratio(tp[comp.name, pmax], tp[comp.name, p1]):.2f}")
+            row.append(fmt_time(median([median(r.durations) for r, _, _ in res[comp.name, p1]])))
+            row.append(self.correctness([x for p in cfg.processes for x in res[comp.name, p]]))
+            sec.rows.append(row)
+        sec.notes.append("ops/s = all increments of all processes / (first start to last end); (±x%) = half the "
+                         "range of the repeats over the median; ratios are medians of per-repeat ratios.")
+        sec.notes.append("x floor: against the bare-syscall floor of the same durability (the no-fsync floor for "
+                         "durable=False and no-fsync rows; sqlite, diskcache and atomic_store against the durable "
+                         "floor).")
+        self.show(sec)
+
+        def ratio(a: str, b: str, p: int = p1) -> float:
+            return paired_ratio(tp[a, p], tp[b, p])
+
+        r = ratio("lockstore", "floor")
+        self.targets.append(Target("durable small txn vs durable floor (P=1)", ">= 0.85x", f"{r:.2f}x", r >= 0.85))
+        r = ratio("lockstore-nd", "floor-nd")
+        self.targets.append(Target("durable=False txn vs no-fsync floor (P=1)", ">= 0.7x", f"{r:.2f}x", r >= 0.7))
+        r = ratio("recipe", "floor")
+        self.targets.append(Target("(reference) recipe vs durable floor (P=1)", "~0.5x per the issue",
+                                   f"{r:.2f}x", None))
+        r = ratio("recipe-nd", "floor-nd")
+        self.targets.append(Target("(reference) recipe without fsync vs no-fsync floor (P=1)", "~0.33x per the issue",
+                                   f"{r:.2f}x", None))
+        for p in (p1, pmax):
+            r = ratio("lockstore", "sqlite-delete-full", p)
+            self.targets.append(Target(f"lockstore vs sqlite rollback journal, synchronous=FULL (P={p})", "> 1x",
+                                       f"{r:.2f}x", r > 1))
+            r = ratio("lockstore", "sqlite-wal-full", p)
+            self.targets.append(Target(f"lockstore vs sqlite WAL, synchronous=FULL (P={p})", "report",
+                                       f"{r:.2f}x", None))
+        r = paired_ratio(tp["lockstore", pmax], tp["lockstore", p1])
+        self.targets.append(Target(f"contended: lockstore {pmax} processes aggregate vs 1 process (durable)",
+                                   ">= 0.9x", f"{r:.2f}x", r >= 0.9))
+        r = paired_ratio(tp["lockstore-nd", pmax], tp["lockstore-nd", p1])
+        self.targets.append(Target(f"contended: lockstore {pmax} processes aggregate vs 1 process (durable=False)",
+                                   ">= 0.9x", f"{r:.2f}x", r >= 0.9))
+        series: dict[str, tuple[list[int], list[float], bool]] = {}
+        for comp in COUNTER:
+            series[comp.label] = (list(cfg.processes), [median(tp[comp.name, p]) for p in cfg.processes], comp.locks)
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        self.plot_path = plot(series, os.path.join(HERE, "results", "throughput.png"),
+                              f"Shared counter, 100 B value: throughput vs processes ({datetime.now(UTC):%Y-%m-%d})")
+
+    def sizes(self) -> None:
+        cfg = self.cfg
+        names = ["floor", "floor-nd", "recipe", "recipe-nd", "lockstore", "lockstore-nd"]
+        procs = (1, 4)
+        res = self.matrix(names, procs, cfg.size_ops, cfg.size_repeats, 100_000)
+        tp = {key: [r.throughput for r, _, _ in runs] for key, runs in res.items()}
+        sec = Section(f"Shared counter, 100 KB JSON value, {cfg.size_ops} increments per run, {cfg.size_repeats}"
+                      " repeats", ["competitor", "P=1 ops/s", "P=4 ops/s", "x floor (P=1)", "x floor (P=4)",
+                                   "correct final count"])
+        for name in names:
+            floor = "floor" if name in ("floor", "recipe", "lockstore") else "floor-nd"
+            sec.rows.append([BY_NAME[name].label, fmt_rate(median(tp[name, 1])), fmt_rate(median(tp[name, 4])),
+                             f"{paired_ratio(tp[name, 1], tp[floor, 1]):.2f}",
+                             f"{paired_ratio(tp[name, 4], tp[floor, 4]):.2f}",
+                             self.correctness(res[name, 1] + res[name, 4])])
+        self.show(sec)
+        r = paired_ratio(tp["lockstore", 1], tp["floor", 1])
+        self.targets.append(Target("100 KB durable txn vs durable floor (P=1)", "report", f"{r:.2f}x", None))
+
+    def fairness(self) -> None:
+        """Issue 3 item 4: 8 processes x 200 transactions; time to acquire and aggregate against one process."""
+        cfg = self.cfg
+        n = cfg.fair_per_process
+        p = max(cfg.processes)
+        names = ["lockstore", "recipe", "floor"]
+        runs: dict[tuple[str, int], list[RunResult]] = {(x, q): [] for x in names for q in (1, p)}
+        finals: dict[str, list[tuple[RunResult, int, int]]] = {x: [] for x in names}
+        for r in range(cfg.fair_repeats):
+            for name in names[r % 3 :] + names[: r % 3]:
+                for q in (1, p):
+                    one = self.run_one(name, q, n, 100)
+                    runs[name, q].append(one[0])
+                    finals[name].append(one)
+        sec = Section(f"Fairness (issue 3): {p} processes x {n} durable transactions against 1 process x {n}, "
+                      f"{cfg.fair_repeats} repeats",
+                      ["lock", "acquire p50", "p99", "max", "ideal (P x median txn)", "max / ideal",
+                       f"aggregate {p} procs / 1 proc", "correct final count"])
+        label = {"lockstore": "lockstore (its defaults)", "recipe": "filelock.FileLock defaults (recipe)",
+                 "floor": "bare blocking flock (floor)"}
+        for name in names:
+            contended, single = runs[name, p], runs[name, 1]
+            ideal = median([p * median(s.durations) for s in single])
+            p50 = median([median(c.waits) for c in contended])
+            p99 = median([quantile(c.waits, 0.99) for c in contended])
+            worst = median([max(c.waits) for c in contended])
+            agg = paired_ratio([c.throughput for c in contended], [s.throughput for s in single])
+            sec.rows.append([label[name], fmt_time(p50), fmt_time(p99), fmt_time(worst), fmt_time(ideal),
+                             f"{worst / ideal:.1f}x", f"{agg:.2f}x", self.correctness(finals[name])])
+            if name == "lockstore":
+                self.targets.append(Target(f"fairness: aggregate {p} procs x {n} txns vs 1 process", ">= 0.9x",
+                                           f"{agg:.2f}x", agg >= 0.9))
+                self.targets.append(Target("fairness: max time-to-acquire vs ideal (P x median txn)", "<= 3x",
+                                           f"{worst / ideal:.1f}x ({fmt_time(worst)} vs {fmt_time(ideal)})",
+                                           worst / ideal <= 3))
+        sec.notes.append("time to acquire: from entering the transaction (or lock) to the first line of the block; "
+                         "for lockstore it includes its change check (one stat). Stats are medians over repeats.")
+        self.show(sec)
+
+    # --------------------------------------------------------------------- single-process cases
+    def _micro_section(self, title: str, samples: dict[str, list[float]], base: str) -> Section:
+        sec = Section(title, ["variant", "median per op", "spread", f"x {base}"])
+        for name, xs in samples.items():
+            sec.rows.append([name, fmt_time(median(xs)), f"±{spread(xs) / 2:.0f}%",
+                             f"{paired_ratio(xs, samples[base]):.2f}"])
+        return sec
+
+    def reads(self) -> None:
+        cfg = self.cfg
+        for size, n in ((100, cfg.read_n), (100_000, max(10, cfg.read_n // 20))):
+            s = _micro.reads(self.root, size, n, cfg.micro_repeats)
+            self.show(self._micro_section(f"Lock-free read, {size:,} B value, {n} reads per block, "
+                                          f"{cfg.micro_repeats} repeats", s, "json.load"))
+            r = paired_ratio(s["lockstore.read"], s["json.load"])
+            self.targets.append(Target(f"lock-free read ({size:,} B) vs json.load", "<= 1.1x", f"{r:.2f}x", r <= 1.1))
+
+    def nochange(self) -> None:
+        cfg = self.cfg
+        s = _micro.no_change(self.root, cfg.nochange_n, cfg.micro_repeats)
+        sec = self._micro_section(f"A transaction that changes nothing, 100 B value, {cfg.nochange_n} per block, "
+                                  f"{cfg.micro_repeats} repeats, one process", s, "durable change")
+        self.show(sec)
+        for kind in ("durable", "durable=False"):
+            r = paired_ratio(s[f"{kind} change"], s[f"{kind} no change"])
+            self.targets.append(Target(f"no-change txn speed-up over a changing one ({kind})", ">= 5x",
+                                       f"{r:.1f}x", r >= 5))
+
+    def large(self) -> None:
+        cfg = self.cfg
+        s = _micro.large(self.root, 10_000_000, 1, cfg.large_repeats)
+        base = "json loads+dumps+durable write"
+        self.show(self._micro_section(f"10 MB JSON value, one transaction per block, {cfg.large_repeats} repeats",
+                                      s, base))
+        r = paired_ratio(s["lockstore txn (file unchanged since own write)"], s[base])
+        self.targets.append(Target("10 MB txn (file unchanged since the store's own write) vs loads+dumps+write",
+                                   "<= 1.3x", f"{r:.2f}x", r <= 1.3))
+        r = paired_ratio(s["lockstore txn (file replaced by another)"], s[base])
+        self.targets.append(Target("10 MB txn (file replaced by another process) vs loads+dumps+write",
+                                   "<= 1.3x", f"{r:.2f}x", r <= 1.3))
+
+    def holder(self) -> None:
+        cfg = self.cfg
+        direct, ab = _micro.holder_record(self.root, cfg.read_n, cfg.micro_repeats)
+        sec = self._micro_section("Holder record: its cost measured directly", direct, "record() alone")
+        self.show(sec)
+        sec = Section(f"Holder record: whole transactions with and without it (a SidecarLock subclass), "
+                      f"{cfg.micro_repeats} repeats", ["variant", "median per txn", "spread", "record costs"])
+        for durable in ("durable", "durable=False"):
+            on, off = ab[f"{durable}, record"], ab[f"{durable}, no record"]
+            sec.rows.append([f"{durable}, record", fmt_time(median(on)), f"±{spread(on) / 2:.0f}%",
+                             f"{100 * (paired_ratio(on, off) - 1):+.1f}% ({fmt_time(median(on) - median(off))})"])
+            sec.rows.append([f"{durable}, no record", fmt_time(median(off)), f"±{spread(off) / 2:.0f}%", ""])
+        self.show(sec)
+        cycle = median(direct["record() + pread + pwrite + ftruncate"])
+        self.targets.append(Target("holder record cost per transaction (record + pread + pwrite + ftruncate)",
+                                   "little, no fsync", fmt_time(cycle), None))
+
+    def imports(self) -> None:
+        s, psutil_seen = _micro.import_time(self.cfg.import_repeats)
+        self.show(self._micro_section(f"Import time in a fresh interpreter, {self.cfg.import_repeats} repeats", s,
+                                      "import json, filelock"))
+        self.targets.append(Target("import lockstore does not import psutil", "psutil not in sys.modules",
+                                   "psutil imported" if psutil_seen else "not imported", not psutil_seen))
+        self.targets.append(Target("import lockstore time", "report", fmt_time(median(s["import lockstore"])), None))
+
+    def cli(self) -> None:
+        s, note = _micro.cli(self.root, max(3, self.cfg.import_repeats // 2 + 1))
+        if s is None:
+            sec = Section("`lockstore incr FILE KEY` wall time", ["case", "result"], [["lockstore incr", note]])
+            self.show(sec)
+            self.targets.append(Target("`lockstore incr` wall time", "report", note, None))
+            return
+        sec = self._micro_section("`lockstore incr FILE KEY` wall time (fresh process each)", s,
+                                  'python -c "import json, filelock"')
+        sec.notes.append(note)
+        self.show(sec)
+        r = paired_ratio(s["lockstore incr FILE KEY"], s['python -c "import json, filelock"'])
+        self.targets.append(Target("`lockstore incr` wall time vs python -c 'import json, filelock'", "report",
+                                   f"{fmt_time(median(s['lockstore incr FILE KEY']))} ({r:.2f}x)", None))
+
+
+def write_markdown(bench: Bench, info: list[tuple[str, str]], started: datetime, seconds: float, quick: bool) -> str:
+    out = os.path.join(HERE, "results", "latest.md")
+    lines = [f"# lockstore benchmarks: {started:%Y-%m-%d %H:%M} UTC" + (" (--quick smoke run)" if quick else ""),
+             "", "Command: `tox -e bench`" + (" -- --quick" if quick else "") + f"; wall time {seconds:.0f} s.", ""]
+    lines += ["| machine | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in info] + [""]
+    lines += ["Numbers are medians of interleaved repeats on a shared machine (other jobs were running: see the "
+              "load average and the spreads); ratios are medians of per-repeat ratios measured in the same round.",
+              ""]
+    lines += ["## Targets", "", "| what | target | measured | |", "| --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(t.row()) + " |" for t in bench.targets] + [""]
+    if bench.plot_path:
+        lines += ["![throughput vs processes](throughput.png)", ""]
+    lines += ["## Cases", ""] + [s.markdown() for s in bench.sections]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (fewer repeats and operations)")
+    parser.add_argument("--dir", help="directory to run in (default: benchmarks/results/work.tmp, on the disk "
+                                      "the repository is on; avoid tmpfs, where fsync costs nothing)")
+    parser.add_argument("--only", nargs="+", choices=CASES, help="run only these cases")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    root = os.path.abspath(args.dir or os.path.join(HERE, "results", "work.tmp"))
+    os.makedirs(root, exist_ok=True)
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    info = machine(root)
+    print(f"lockstore benchmarks {started:%Y-%m-%d %H:%M} UTC" + (" (quick)" if args.quick else ""))
+    for k, v in info:
+        print(f"  {k}: {v}")
+    bench = Bench(cfg, root)
+    try:
+        cases = args.only or list(CASES)
+        if {"counter", "size", "fairness"} & set(cases):
+            bench.warm_up()
+        for case in cases:
+            getattr(bench, {"size": "sizes", "read": "reads", "import": "imports"}.get(case, case))()
+            _micro.settle()
+    finally:
+        bench.pool.close()
+        shutil.rmtree(root, ignore_errors=True)
+    summary = Section("Targets", ["what", "target", "measured", ""], [t.row() for t in bench.targets])
+    print(summary.text())
+    seconds = time.monotonic() - t0
+    out = write_markdown(bench, info, started, seconds, args.quick)
+    print(f"\nwrote {out}" + (f" and {bench.plot_path}" if bench.plot_path else "") + f" in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
