@@ -1,22 +1,460 @@
-"""The ``lockstore`` command line (placeholder: only ``demo`` until the CLI issue lands)."""
+"""The ``lockstore`` command line: read and update one JSON value in one file from shell scripts and cron jobs.
+
+Every command that changes the file (set, incr, append, delete) is one transaction: it takes the sidecar lock
+``FILE.lock``, reloads the file under it, changes the value and replaces the file atomically before releasing, so
+parallel shell loops never lose an update. ``get`` reads without the lock (atomic replace means a reader always sees
+a whole file). KEY is a dotted path (``stats.runs``, ``jobs.0.state``): integer parts index lists; set, incr and
+append create missing dicts along the way. VALUE is parsed as JSON and taken as a string when it is not valid JSON.
+A missing file starts as ``{}``.
+
+Start-up time matters for a tool run once per shell-loop iteration, so the library is imported only after the
+arguments are parsed and psutil only when a holder is described (``lockstore._holder``).
+
+Exit codes:
+  0    success
+  1    the lock was busy: timeout (-w) or -n; -E/--conflict-exit-code CODE picks another code
+  2    usage error (bad arguments or KEY)
+  3    key error: KEY is missing (get, delete), or its path crosses a value of the wrong type
+       (a string where a dict or list is needed, incr of a non-number, append to a non-list, a list index out of range)
+  4    data error: FILE cannot be decoded (it is left untouched) or the value cannot be encoded
+  5    I/O error: permission denied, missing directory, disk full, read-only file system...
+  130  interrupted (Ctrl-C)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+
+if TYPE_CHECKING:
+    from ._holder import Holder
+    from ._store import Store
+
+EXIT_OK: Final = 0
+EXIT_CONFLICT: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_KEY: Final = 3
+EXIT_DATA: Final = 4
+EXIT_IO: Final = 5
+EXIT_INTERRUPTED: Final = 130
+
+_EPILOG: Final = (__doc__ or "")[(__doc__ or "").index("Exit codes:"):]
+#: On a terminal, a wait longer than this many seconds is announced on stderr with the holder's description.
+_ANNOUNCE_AFTER: Final = 1.0
+_FORMATS: Final = ("json", "pickle", "bson")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
-    parser = argparse.ArgumentParser(prog="lockstore", description="One value in one file, shared safely.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="several processes increment one counter, without and with transactions")
-    demo.add_argument("--workers", type=int, default=8)
-    demo.add_argument("--increments", type=int, default=200)
-    args = parser.parse_args(argv)
+class _KeyPathError(LookupError):
+    """KEY is missing or its path crosses a value of the wrong type (exit code 3)."""
+
+
+# --------------------------------------------------------------------------------------------- KEY and VALUE
+def _key(text: str) -> list[str]:
+    parts = text.split(".")
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"invalid KEY {text!r}: a dotted path of non-empty parts, like stats.runs")
+    return parts
+
+
+def _value(text: str) -> Any:
+    """VALUE as JSON, or the text itself when it is not standard JSON (``NaN`` stays the string "NaN")."""
+    import json
+
+    def no_constants(name: str) -> NoReturn:
+        raise ValueError(name)
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except ValueError:
+        return text
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return number
+
+
+def _exit_code(text: str) -> int:
+    try:
+        code = int(text)
+    except ValueError:
+        code = -1
+    if not 0 <= code <= 255:
+        raise argparse.ArgumentTypeError(f"an exit code is an integer from 0 to 255, not {text!r}")
+    return code
+
+
+def _is_index(part: str) -> bool:
+    return part.lstrip("-").isdigit() and part.count("-") <= 1
+
+
+def _step(node: Any, part: str, where: str) -> Any:
+    """``node[part]`` for a dict or list node; raise _KeyPathError (missing, out of range, wrong type)."""
+    if isinstance(node, dict):
+        if part not in node:
+            raise _KeyPathError(f"{where}: no such key")
+        return node[part]
+    if isinstance(node, list):
+        if not _is_index(part):
+            raise _KeyPathError(f"{where}: {part!r} is not a list index")
+        index = int(part)
+        if not -len(node) <= index < len(node):
+            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)")
+        return node[index]
+    raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _lookup(root: Any, parts: list[str]) -> Any:
+    node = root
+    for i, part in enumerate(parts):
+        node = _step(node, part, ".".join(parts[: i + 1]))
+    return node
+
+
+def _parent(root: Any, parts: list[str], *, create: bool) -> tuple[dict[str, Any] | list[Any], str | int]:
+    """The container holding KEY's last part and the last part as its key or index; with ``create``, dicts missing
+    along the way are added. A list index must exist (out of range is an error, append extends lists)."""
+    node = root
+    for i, part in enumerate(parts[:-1]):
+        if create and isinstance(node, dict) and part not in node:
+            node[part] = {}
+        node = _step(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    where = ".".join(parts)
+    if isinstance(node, dict):
+        return node, last
+    if isinstance(node, list):
+        if not _is_index(last):
+            raise _KeyPathError(f"{where}: {last!r} is not a list index")
+        index = int(last)
+        if not -len(node) <= index < len(node):
+            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)")
+        return node, index
+    raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
+
+
+_MISSING: Final = object()
+
+
+def _get_in(container: dict[str, Any] | list[Any], key: str | int) -> Any:
+    """``container[key]``, or _MISSING for a key a dict lacks (``_parent`` already checked list indexes)."""
+    if isinstance(container, dict):
+        return container.get(str(key), _MISSING)
+    return container[int(key)]
+
+
+def _put(container: dict[str, Any] | list[Any], key: str | int, value: Any) -> None:
+    if isinstance(container, dict):
+        container[str(key)] = value
+    else:
+        container[int(key)] = value
+
+
+# --------------------------------------------------------------------------------------------- the changes
+def _do_set(root: Any, args: argparse.Namespace) -> None:
+    container, key = _parent(root, args.key, create=True)
+    _put(container, key, args.value)
+
+
+def _do_incr(root: Any, args: argparse.Namespace) -> int | float:
+    container, key = _parent(root, args.key, create=True)
+    current = _get_in(container, key)
+    if current is _MISSING:
+        current = 0
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        raise _KeyPathError(f"{'.'.join(args.key)}: cannot increment a {_kind(current)}")
+    new: int | float = current + args.by
+    _put(container, key, new)
+    return new
+
+
+def _do_append(root: Any, args: argparse.Namespace) -> None:
+    container, key = _parent(root, args.key, create=True)
+    current = _get_in(container, key)
+    if current is _MISSING:
+        _put(container, key, [args.value])
+        return
+    if not isinstance(current, list):
+        raise _KeyPathError(f"{'.'.join(args.key)}: cannot append to a {_kind(current)}")
+    current.append(args.value)
+
+
+def _do_delete(root: Any, args: argparse.Namespace) -> None:
+    try:
+        container, key = _parent(root, args.key, create=False)
+        if _get_in(container, key) is _MISSING:
+            raise _KeyPathError(f"{'.'.join(args.key)}: no such key")
+    except _KeyPathError:
+        if args.missing_ok:
+            return
+        raise
+    if isinstance(container, dict):
+        del container[str(key)]
+    else:
+        del container[int(key)]
+
+
+# --------------------------------------------------------------------------------------------- commands
+def _open(args: argparse.Namespace) -> Store:
+    import lockstore
+
+    return lockstore.open(args.file, default={}, format=args.format, durable=args.durable)
+
+
+def _transact(args: argparse.Namespace, change: Callable[[Any, argparse.Namespace], Any]) -> Any:
+    """Run ``change(value, args)`` in one transaction, announcing a long wait on a terminal (see the module doc)."""
+    from ._error import LockTimeout
+
+    store = _open(args)
+    timeout = store.timeout if args.timeout is None else args.timeout
+    blocking = not args.nonblock
+    waited = 0.0
+    if blocking and (timeout < 0 or timeout > _ANNOUNCE_AFTER) and sys.stderr.isatty():
+        try:
+            with store.transaction(timeout=_ANNOUNCE_AFTER, label=args.label) as s:
+                return change(s.value, args)
+        except LockTimeout as exc:
+            waited = exc.waited
+            holder = exc.holder.describe(stale=exc.holder_stale) if exc.holder is not None else "no holder record"
+            forever = "forever" if timeout < 0 else f"up to {timeout - waited:.1f} s more"
+            print(f"lockstore: waiting ({forever}) for the lock on {args.file}: {holder}", file=sys.stderr, flush=True)
+            timeout = timeout if timeout < 0 else max(0.0, timeout - waited)
+    try:
+        with store.transaction(timeout=timeout, blocking=blocking, label=args.label) as s:
+            return change(s.value, args)
+    except LockTimeout as exc:
+        exc.waited += waited
+        raise
+
+
+def _print_json(value: Any, *, raw: bool = False) -> None:
+    import json
+
+    if raw and isinstance(value, str):
+        print(value)
+        return
+    # Other formats (pickle) may hold values JSON cannot show: print their repr as a JSON string.
+    print(json.dumps(value, ensure_ascii=False, default=repr))
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    import lockstore
+
+    value = lockstore.read(args.file, default={}, format=args.format)
+    _print_json(value if args.key is None else _lookup(value, args.key), raw=args.raw)
+    return EXIT_OK
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    _transact(args, _do_set)
+    return EXIT_OK
+
+
+def _cmd_incr(args: argparse.Namespace) -> int:
+    _print_json(_transact(args, _do_incr))
+    return EXIT_OK
+
+
+def _cmd_append(args: argparse.Namespace) -> int:
+    _transact(args, _do_append)
+    return EXIT_OK
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    _transact(args, _do_delete)
+    return EXIT_OK
+
+
+class _Opaque:
+    """A format that reads any file as None: ``holder`` must work even on a corrupt or foreign data file."""
+
+    @staticmethod
+    def loads(data: bytes) -> None:
+        return None
+
+    @staticmethod
+    def dumps(value: Any) -> bytes:
+        raise TypeError("the holder command never writes")
+
+
+def _holder_dict(holder: Holder) -> dict[str, Any]:
+    import dataclasses
+
+    return {**dataclasses.asdict(holder), "held_for": round(holder.held_for, 3)}
+
+
+def _cmd_holder(args: argparse.Namespace) -> int:
+    import lockstore
+
+    store = lockstore.open(args.file, format=_Opaque, is_binary=True)
+    holder = store.holder()
+    if args.json:
+        import json
+
+        print(json.dumps({"file": args.file, "lock_file": store.lock_file, "held": holder is not None,
+                          "holder": None if holder is None else _holder_dict(holder)}))
+        return EXIT_OK
+    if holder is None:
+        print(f"{store.lock_file}: free (no lockstore process holds it)")
+        return EXIT_OK
+    import time
+
+    alive = {True: "yes", False: "no (the record is stale)", None: "unknown (another host or PID namespace)"}
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.acquired_at))
+    print(f"{store.lock_file}: held")
+    print(f"  pid:      {holder.pid}")
+    print(f"  host:     {holder.host}")
+    print(f"  user:     {holder.user}")
+    print(f"  alive:    {alive[holder.alive]}")
+    print(f"  held for: {holder.held_for:.1f} s (since {since})")
+    print(f"  command:  {' '.join(holder.cmdline)}")
+    if holder.label:
+        print(f"  label:    {holder.label}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
     return _demo.main(args.workers, args.increments)
+
+
+# --------------------------------------------------------------------------------------------- the parser
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, not {text!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation tools and tests)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lockstore", description="One value in one file, shared safely by many processes.",
+        epilog=_EPILOG, formatter_class=raw,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lockstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("file", metavar="FILE", help="the data file (a missing file starts as {})")
+    data.add_argument("--format", choices=_FORMATS, default=None, help="the file's format (default: json)")
+
+    locking = argparse.ArgumentParser(add_help=False)
+    group = locking.add_argument_group("locking and writing (like flock(1))")
+    group.add_argument("-w", "--timeout", type=float, metavar="SECONDS", default=None,
+                       help="wait at most SECONDS for the lock (default 30; negative waits forever, 0 tries once)")
+    group.add_argument("-n", "--nonblock", action="store_true", help="fail at once if the lock is busy")
+    group.add_argument("-E", "--conflict-exit-code", type=_exit_code, metavar="CODE", default=EXIT_CONFLICT,
+                       help="exit code when the lock is busy (default 1)")
+    group.add_argument("--no-durable", dest="durable", action="store_false",
+                       help="skip the fsyncs (still atomic against a crash, not against power loss)")
+    group.add_argument("--label", help="shown to operators by 'lockstore holder' and in timeout messages")
+
+    def command(name: str, summary: str, details: str, parents: list[argparse.ArgumentParser]) -> Any:
+        return sub.add_parser(name, help=summary, description=f"{summary}\n\n{details}".strip(), parents=parents,
+                              epilog=_EPILOG, formatter_class=raw)
+
+    key_help = "dotted path: stats.runs, jobs.0.state (integer parts index lists, negative from the end)"
+    value_help = "JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); anything else is taken as a string"
+
+    p = command("get", "print the value, or the part at KEY, as JSON", "Reads without taking the lock.", [data])
+    p.add_argument("key", metavar="KEY", type=_key, nargs="?", help=key_help)
+    p.add_argument("-r", "--raw", action="store_true", help="print a string without JSON quotes")
+    p.set_defaults(func=_cmd_get)
+
+    p = command("set", "set KEY to VALUE", "Creates missing dicts along KEY.", [data, locking])
+    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
+    p.add_argument("value", metavar="VALUE", type=_value, help=value_help)
+    p.set_defaults(func=_cmd_set)
+
+    p = command("incr", "add N to the number at KEY and print the new value",
+                "A missing KEY starts at 0; missing dicts along KEY are created.", [data, locking])
+    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
+    p.add_argument("--by", type=_number, default=1, metavar="N", help="the increment (default 1; may be negative "
+                   "or a decimal)")
+    p.set_defaults(func=_cmd_incr)
+
+    p = command("append", "append VALUE to the list at KEY",
+                "A missing KEY starts a new list; missing dicts along KEY are created.", [data, locking])
+    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
+    p.add_argument("value", metavar="VALUE", type=_value, help=value_help)
+    p.set_defaults(func=_cmd_append)
+
+    p = command("delete", "remove KEY", "A missing KEY is a key error (exit 3) unless --missing-ok.", [data, locking])
+    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
+    p.add_argument("--missing-ok", action="store_true", help="succeed when KEY is already missing")
+    p.set_defaults(func=_cmd_delete)
+
+    p = command("holder", "show who holds FILE's lock, or that it is free",
+                "Prints the pid, host, user, whether the process is alive, how long it has held the lock, its "
+                "command and label, from the record lockstore keeps in FILE.lock. Never takes the lock.", [])
+    p.add_argument("file", metavar="FILE", help="the data file (its lock is FILE.lock)")
+    p.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    p.set_defaults(func=_cmd_holder)
+
+    p = command("demo", "the README's demo: worker processes increment one counter, without and with transactions",
+                "Prints the final count of plain reload() + commit() (lost updates) and of transaction() (exact).", [])
+    p.add_argument("--workers", type=_positive_int, default=8, help="worker processes (default 8)")
+    p.add_argument("--increments", type=_positive_int, default=200, help="increments per worker (default 200)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"lockstore: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    from ._error import CorruptStoreError, LockTimeout, SerializationError
+
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+    except LockTimeout as exc:
+        _error(str(exc))
+        return int(getattr(args, "conflict_exit_code", EXIT_CONFLICT))
+    except _KeyPathError as exc:
+        _error(f"key error: {exc}")
+        return EXIT_KEY
+    except (CorruptStoreError, SerializationError) as exc:
+        _error(str(exc))
+        return EXIT_DATA
+    except BrokenPipeError:
+        # The reader went away (``lockstore get f | head``); silence the interpreter's flush at exit too.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_IO
+    except OSError as exc:
+        _error(str(exc))
+        return EXIT_IO
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":
