@@ -218,7 +218,7 @@ def _cmd_commit(path: str, value: str, durable: str = "1") -> None:
     store.value = json.loads(value)
     try:
         store.commit()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:
         print(json.dumps(_error(exc)))
         return
     print(json.dumps({"ok": True}))

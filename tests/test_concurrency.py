@@ -35,7 +35,7 @@ def run_threads(targets: list[Callable[[], None]]) -> None:
         def inner() -> None:
             try:
                 fn()
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         return inner
@@ -52,7 +52,7 @@ def run_threads(targets: list[Callable[[], None]]) -> None:
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_processes_no_lost_updates(tmp_path: Path, method: str) -> None:
     p = str(tmp_path / "counter.json")
-    ctx = multiprocessing.get_context(method)
+    ctx = multiprocessing.get_context("fork") if method == "fork" else multiprocessing.get_context("spawn")
     start_all([ctx.Process(target=increment, args=(p, M_INCREMENTS)) for _ in range(N_PROCS)])
     assert lockstore.read(p) == N_PROCS * M_INCREMENTS
 
@@ -173,7 +173,7 @@ def test_nested_transaction_of_second_store_raises_reentry(tmp_path: Path) -> No
                 s.value = 1
                 with b.transaction(timeout=-1):  # would wait for itself forever
                     outcome.append("entered")
-        except BaseException as exc:  # noqa: BLE001 - examined below
+        except BaseException as exc:
             outcome.append(exc)
 
     t = threading.Thread(target=nest, daemon=True)

@@ -90,9 +90,8 @@ def _raise_in_child(path: str) -> None:
 def test_errors_cross_a_process_boundary(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
     p.write_bytes(b"{")
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        with pytest.raises(lockstore.CorruptStoreError) as info:
-            pool.apply(_raise_in_child, (str(p),))
+    with multiprocessing.get_context("spawn").Pool(1) as pool, pytest.raises(lockstore.CorruptStoreError) as info:
+        pool.apply(_raise_in_child, (str(p),))
     assert info.value.path == str(p)
 
 

@@ -67,7 +67,7 @@ def test_threads_exclude_each_other(tmp_path: Path) -> None:
     try:
         assert held.wait(DEADLINE)
         for kwargs in ({"timeout": 0.05}, {"blocking": False}, {"timeout": 0}):
-            with pytest.raises(lockstore.LockTimeout) as info, b.transaction(**kwargs):  # type: ignore[arg-type]
+            with pytest.raises(lockstore.LockTimeout) as info, b.transaction(**kwargs):
                 pass
             assert info.value.holder is not None
             assert info.value.holder.pid == os.getpid()
@@ -102,9 +102,8 @@ def _read_in_transaction(store: lockstore.Store) -> object:
 def test_timed_out_waiter_does_not_keep_the_lock(tmp_path: Path) -> None:
     p = str(tmp_path / "d.json")
     store = lockstore.open(p, default=0, durable=False)
-    with holding(p):
-        with pytest.raises(lockstore.LockTimeout), store.transaction(0.05):
-            pass
+    with holding(p), pytest.raises(lockstore.LockTimeout), store.transaction(0.05):
+        pass
     # the holder has gone; another process must get the lock at once, whatever this one left waiting
     assert run("try", p, "10") == {"ok": True}
     assert store.holder() is None

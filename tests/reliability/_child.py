@@ -42,10 +42,7 @@ def _inplace_write(path: str, data: bytes, *, durable: bool, like: os.stat_resul
 
 def _patch(argv: list[str]) -> None:
     if "--inplace" in argv:
-        lockstore._atomic.write = _inplace_write
-        import lockstore._store
-
-        lockstore._store._atomic.write = _inplace_write  # type: ignore[attr-defined]
+        lockstore._atomic.write = _inplace_write  # _store calls it as _atomic.write, so this reaches commits
     if "--nofsync" in argv:
         os.fsync = lambda fd: None
 
@@ -62,16 +59,26 @@ def _outcome(exc: BaseException | None) -> str:
     return f"error {type(exc).__name__} {no} {name}"
 
 
-def _one(path: str, kind: str, pad: int) -> None:
+def _prepare(path: str, kind: str, pad: int) -> Any:
+    """Open the store (and, for a commit, compute the new value) before the traced part starts."""
     store = lockstore.open(path, default=make_value(0, pad))
+    if kind == "commit":
+        store.value = bump(store.value, pad)
+    elif kind != "transaction":
+        raise ValueError(kind)
+    return store
+
+
+def _run(store: Any, kind: str, pad: int) -> None:
     if kind == "transaction":
         with store.transaction() as s:
             s.value = bump(s.value, pad)
-    elif kind == "commit":
-        store.value = bump(store.reload(), pad)
-        store.commit()
     else:
-        raise ValueError(kind)
+        store.commit()
+
+
+def _one(path: str, kind: str, pad: int) -> None:
+    _run(_prepare(path, kind, pad), kind, pad)
 
 
 def main(argv: list[str]) -> int:
@@ -86,11 +93,12 @@ def main(argv: list[str]) -> int:
                 n = s.value["n"]
             os.write(1, f"{n}\n".encode())
     if mode == "op":
+        store = _prepare(path, argv[2], _pad(argv))
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
             return 2
         try:
-            _one(path, argv[2], _pad(argv))
+            _run(store, argv[2], _pad(argv))
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             print(_outcome(exc), flush=True)
             return 0
