@@ -378,3 +378,25 @@ def test_not_durable_makes_no_fsync(tmp_path: Path) -> None:
     out, calls = strace_commit(tmp_path, "error=EIO:when=1", durable=False)
     assert out == {"ok": True}
     assert calls == 0
+
+
+def test_long_multibyte_file_name(tmp_path: Path) -> None:
+    # a legal name of 253 bytes (NAME_MAX is 255) made mostly of 4-byte characters
+    name = "\U0001f600" * 62 + ".json"
+    assert len(os.fsencode(name)) == 253
+    p = tmp_path / name
+    p.write_text("0")
+    store = lockstore.open(p, default=0, lock=False, durable=False)
+    store.value = 1
+    store.commit()
+    assert lockstore.read(p) == 1
+    assert temps(tmp_path) == []
+
+
+def test_negative_control_in_place_write_tears_the_file(tmp_path: Path) -> None:
+    # what the atomic write protects against: a failing encoder halfway through an in-place write
+    p = tmp_path / "d.json"
+    p.write_text('{"a": 1}')
+    with pytest.raises(TypeError), open(p, "w") as f:
+        json.dump({"a": 2, "b": object()}, f)
+    assert p.read_text() == '{"a": 2, "b": '  # neither old nor new: the check in the tests above can fail

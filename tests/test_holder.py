@@ -286,3 +286,36 @@ def test_soft_lock_killed_holder_does_not_block(tmp_path: Path) -> None:
     with store.transaction(timeout=30) as s:  # filelock reclaims a marker whose owner is provably dead
         s.value += 1
     assert lockstore.read(p) == 1
+
+
+def test_long_label_still_names_holder(tmp_path: Path) -> None:
+    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
+    label = "rollup " * 1000
+    with store.transaction(label=label):
+        h = store.holder()
+        assert h is not None, "a held lock was reported free because its record is long"
+        assert h.pid == os.getpid()
+        assert h.label is not None and h.label.startswith("rollup")
+
+
+def test_soft_lock_holder_on_other_host_is_never_broken(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    marker = Path(p + ".soft")
+    with Child("hold", p, "far-away", "soft") as child:
+        child.wait_ready()
+        os.kill(child.pid, signal.SIGKILL)
+        child.proc.wait(60)
+    lines = marker.read_text().splitlines()  # filelock's marker: pid, host, token
+    assert lines[0] == str(child.pid)
+    lines[1] = "elsewhere.example"
+    far = "\n".join(lines)
+    marker.write_text(far + "\n")
+    store = lockstore.open(p, default=0, durable=False, lock=filelock.SoftFileLock(p + ".soft"))
+    h = store.holder()
+    assert h is not None
+    assert h.pid == child.pid
+    assert h.alive is None
+    with pytest.raises(lockstore.LockTimeout) as info, store.transaction(0.3):
+        pass
+    assert info.value.holder is not None and info.value.holder.alive is None
+    assert marker.read_text() == far + "\n"  # never broken automatically
