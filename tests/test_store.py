@@ -474,3 +474,52 @@ def test_unreadable_path_error_names_path(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError) as info:
         lockstore.open(p, lock=False)
     assert str(p) in str(info.value)
+
+
+def test_commit_waits_for_another_process_transaction(tmp_path: Path) -> None:
+    # commit() on a locked store is never interleaved inside another process's transaction: last writer wins
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False, timeout=-1)
+    errors: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            store.value = 5
+            store.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with holding(p) as child:
+        t = threading.Thread(target=commit)
+        t.start()
+        child.release()  # the child's transaction writes 1 as it ends
+        t.join(60)
+    assert not t.is_alive() and errors == []
+    assert lockstore.read(p) == 5  # ours came after the child's write, not inside its transaction
+
+
+def test_negative_control_unlocked_commit_lands_inside_transaction(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    store = lockstore.open(p, default=0, durable=False, lock=False)
+    with holding(p) as child:
+        store.value = 5
+        store.commit()  # no lock: written while the child is inside its transaction
+        child.release()
+    assert lockstore.read(p) == 1  # the child's transaction overwrote it: the test above can fail
+
+
+def test_reads_create_no_lock_file(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    p.write_text("1")
+    store = lockstore.open(p)
+    assert store.reload() == 1
+    assert lockstore.read(p) == 1
+    assert sorted(os.listdir(tmp_path)) == ["d.json"]
+
+
+def test_default_timeout_is_finite() -> None:
+    assert 0 < lockstore.DEFAULT_TIMEOUT < float("inf")
+    assert 0 < lockstore.DEFAULT_POLL_INTERVAL <= lockstore.DEFAULT_TIMEOUT
+    store = lockstore.open("/nonexistent/d.json", lock=False)
+    assert store.timeout == lockstore.DEFAULT_TIMEOUT
+    assert store.durable is True
