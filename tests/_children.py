@@ -149,7 +149,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
             "filename": getattr(exc, "filename", None), "mro": [c.__name__ for c in type(exc).__mro__]}
 
 
-def _cmd_hold(path: str, label: str, soft: str = "") -> None:
+def _cmd_hold(path: str, label: str, soft: str = "", *padding: str) -> None:
     lock: object = True
     if soft:
         import filelock

@@ -319,3 +319,15 @@ def test_soft_lock_holder_on_other_host_is_never_broken(tmp_path: Path) -> None:
         pass
     assert info.value.holder is not None and info.value.holder.alive is None
     assert marker.read_text() == far + "\n"  # never broken automatically
+
+
+def test_long_command_line_is_shortened(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    padding = ["x" * 500, "y" * 500]
+    with holding(p, "short", "", *padding) as child:
+        h = lockstore.open(p).holder()
+        assert h is not None
+        assert h.pid == child.pid
+        assert "hold" in h.cmdline
+        assert sum(len(a) for a in h.cmdline) < 400  # shortened, not 1000+ characters
+        assert h.label == "short"
