@@ -3,7 +3,7 @@
 Modes
 - ``loop PATH [--inplace] [--pad N]``: transaction loop; after each transaction returns, print its counter (ack).
 - ``op PATH KIND [--inplace] [--nofsync] [--pad N]``: print ``ready``, wait for ``go`` on stdin, run one operation
-  (KIND = transaction | commit), print ``ok`` or ``error <class> <errno> <filename>``.
+  (KIND = transaction | commit), print ``ok`` or ``error <class> <errno> <is OSError> <filename>``.
 - ``trylock PATH``: print ``free`` when the store's sidecar lock can be taken at once, else ``busy``.
 - ``nobody PATH``: drop privileges to nobody, try a transaction, print the outcome like ``op``.
 - ``fsize PATH LIMIT``: commit a value larger than RLIMIT_FSIZE allows (a real short write, then EFBIG).
@@ -56,7 +56,7 @@ def _outcome(exc: BaseException | None) -> str:
         return "ok"
     no = getattr(exc, "errno", None)
     name = getattr(exc, "filename", None) or getattr(exc, "path", None)
-    return f"error {type(exc).__name__} {no} {name}"
+    return f"error {type(exc).__name__} {no} {int(isinstance(exc, OSError))} {name}"
 
 
 def _prepare(path: str, kind: str, pad: int) -> Any:
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
         store.value = bump(store.value, 4 * limit)
         try:
             store.commit()
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
             print(_outcome(exc), flush=True)
             return 0
         print("ok", flush=True)
