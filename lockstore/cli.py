@@ -47,7 +47,11 @@ _FORMATS: Final = ("json", "pickle", "bson")
 
 
 class _KeyPathError(LookupError):
-    """KEY is missing or its path crosses a value of the wrong type (exit code 3)."""
+    """KEY is missing (``missing``) or its path crosses a value of the wrong type (exit code 3)."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 # --------------------------------------------------------------------------------------------- KEY and VALUE
@@ -103,14 +107,14 @@ def _step(node: Any, part: str, where: str) -> Any:
     """``node[part]`` for a dict or list node; raise _KeyPathError (missing, out of range, wrong type)."""
     if isinstance(node, dict):
         if part not in node:
-            raise _KeyPathError(f"{where}: no such key")
+            raise _KeyPathError(f"{where}: no such key", missing=True)
         return node[part]
     if isinstance(node, list):
         if not _is_index(part):
             raise _KeyPathError(f"{where}: {part!r} is not a list index")
         index = int(part)
         if not -len(node) <= index < len(node):
-            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)")
+            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)", missing=True)
         return node[index]
     raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
 
@@ -143,7 +147,7 @@ def _parent(root: Any, parts: list[str], *, create: bool) -> tuple[dict[str, Any
             raise _KeyPathError(f"{where}: {last!r} is not a list index")
         index = int(last)
         if not -len(node) <= index < len(node):
-            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)")
+            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)", missing=True)
         return node, index
     raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
 
@@ -198,9 +202,9 @@ def _do_delete(root: Any, args: argparse.Namespace) -> None:
     try:
         container, key = _parent(root, args.key, create=False)
         if _get_in(container, key) is _MISSING:
-            raise _KeyPathError(f"{'.'.join(args.key)}: no such key")
-    except _KeyPathError:
-        if args.missing_ok:
+            raise _KeyPathError(f"{'.'.join(args.key)}: no such key", missing=True)
+    except _KeyPathError as exc:
+        if args.missing_ok and exc.missing:
             return
         raise
     if isinstance(container, dict):

@@ -194,7 +194,8 @@ def test_delete_missing_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert lockstore.read(f) == {}
     assert main(capsys, "set", f, "a.b", "1")[0] == 0
     assert main(capsys, "delete", f, "a.c", "--missing-ok")[0] == 0
-    assert main(capsys, "delete", f, "a.b.c", "--missing-ok")[0] == 0
+    assert main(capsys, "delete", f, "a.x.y", "--missing-ok")[0] == 0
+    assert main(capsys, "delete", f, "a.b.c", "--missing-ok")[0] == cli.EXIT_KEY  # a wrong type is not "missing"
     assert lockstore.read(f) == {"a": {"b": 1}}
 
 
