@@ -39,7 +39,8 @@ def temp_prefix(target: str) -> str:
     if len(os.fsencode(name)) > 200:
         # NAME_MAX is 255 bytes: keep a readable head and make it unique with a hash of the whole name.
         digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
-        name = name[:60] + "~" + digest
+        # 60 bytes of the name, not characters: 60 four-byte characters would overflow NAME_MAX again.
+        name = os.fsencode(name)[:60].decode("utf-8", "ignore") + "~" + digest
     return os.path.join(directory, f".{name}.")
 
 
@@ -54,8 +55,9 @@ def resolve_target(path: str) -> str:
 
 
 def with_path(exc: OSError, path: str) -> OSError:
-    """Return ``exc`` naming ``path`` (a new error of the same errno-mapped class when it named nothing)."""
-    if exc.filename is not None:
+    """Return ``exc`` naming ``path``: a new error of the same errno-mapped class when it named another file
+    (a temp file that no longer exists means nothing to the caller) or nothing."""
+    if exc.filename == path:
         return exc
     return OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), path)
 

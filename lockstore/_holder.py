@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 _CMDLINE_MAX: Final = 200
+#: Labels are cut so that a record always fits the 4 KiB that readers of the lock file read.
+_LABEL_MAX: Final = 200
 # psutil's create_time has clock-tick resolution (1/100 s on Linux); allow for rounding, never for reuse.
 _START_TOLERANCE: Final = 0.05
 
@@ -92,6 +94,7 @@ def record(label: str | None) -> bytes:
     """The record this process writes when it takes a lock now."""
     tail = f', "at": {time.time():.3f}'
     if label is not None:
+        label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
         tail += f', "label": {json.dumps(label)}'
     return (_process_prefix() + tail + "}\n").encode()
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from filelock import BaseFileLock, Timeout, lock_descriptor, unlock_descriptor
 
 from . import _holder
+from ._atomic import resolve_target
 from ._error import LockReentryError, LockTimeout
 
 if TYPE_CHECKING:
@@ -417,7 +418,9 @@ def build(lock: object, path: str) -> Lock | None:
     if lock is False or lock is None:
         return None
     if lock is True:
-        return SidecarLock(path + ".lock", data_path=path)
+        # Beside the file actually written: a store opened through a symlink and one opened on its target must
+        # share one lock.
+        return SidecarLock(resolve_target(path) + ".lock", data_path=path)
     if isinstance(lock, (str, os.PathLike)):
         return SidecarLock(os.fspath(lock), data_path=path)
     if isinstance(lock, BaseFileLock):

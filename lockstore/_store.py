@@ -306,7 +306,8 @@ class Store:
         ``timeout`` overrides the store's (negative waits forever, 0 tries once); ``blocking=False`` tries once.
         ``label`` is shown to operators by ``holder()`` and ``LockTimeout``. If the block raises, nothing is written,
         ``store.value`` goes back to the value on disk, and the exception propagates. A nested transaction of the
-        same store in the same thread joins the outer one (only the outermost writes); a transaction of a second
+        same store in the same thread joins the outer one (only the outermost writes) as a savepoint: if it raises,
+        the value goes back to what it was when the nested block began; a transaction of a second
         Store on the same file, nested in the same thread, raises LockReentryError at once (it would deadlock).
         Raises TransactionLockError with ``lock=False``, LockTimeout, CorruptStoreError, SerializationError, OSError.
         """
@@ -314,11 +315,20 @@ class Store:
             raise TransactionLockError(self.path)
         local = self._local
         if self._in_transaction():
+            # A nested transaction is a savepoint: if it raises, the value goes back to what it was at its start,
+            # and the outer block decides (by catching or not) whether the rest is written.
+            try:
+                savepoint: bytes | None = self.format.encode(self.value)
+            except Exception:  # unencodable now: fall back to the value on disk
+                savepoint = None
             local.depth += 1
             try:
                 yield self
             except BaseException:
-                self._reset()
+                if savepoint is None:
+                    self._reset()
+                else:
+                    self.value = self.format.decode(savepoint)
                 raise
             finally:
                 local.depth -= 1
@@ -334,7 +344,8 @@ class Store:
                     self._reset()
                     raise
                 data = self._encode()
-                if data != self._disk:
+                # A missing file reads as ``default``: a block that leaves the default as it was changed nothing.
+                if data != (self._disk if self._disk is not None else self._encoded_default()):
                     self._write(data, like)
             finally:
                 local.depth = 0
@@ -346,6 +357,12 @@ class Store:
         from ._aio import atransaction
 
         return atransaction(self, timeout, blocking=blocking, label=label)
+
+    def _encoded_default(self) -> bytes | None:
+        try:
+            return self.format.encode(self.default)
+        except Exception:  # an unencodable default is never "unchanged"
+            return None
 
     def _reset(self) -> None:
         self.value = copy.deepcopy(self.default) if self._disk is None else self._decode(self._disk)

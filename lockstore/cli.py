@@ -89,6 +89,16 @@ def _number(text: str) -> int | float:
     return number
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if seconds != seconds:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return -1.0 if seconds == float("inf") else seconds  # negative: wait forever
+
+
 def _exit_code(text: str) -> int:
     try:
         code = int(text)
@@ -367,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     locking = argparse.ArgumentParser(add_help=False)
     group = locking.add_argument_group("locking and writing (like flock(1))")
-    group.add_argument("-w", "--timeout", type=float, metavar="SECONDS", default=None,
+    group.add_argument("-w", "--timeout", type=_seconds, metavar="SECONDS", default=None,
                        help="wait at most SECONDS for the lock (default 30; negative waits forever, 0 tries once)")
     group.add_argument("-n", "--nonblock", action="store_true", help="fail at once if the lock is busy")
     group.add_argument("-E", "--conflict-exit-code", type=_exit_code, metavar="CODE", default=EXIT_CONFLICT,

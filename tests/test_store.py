@@ -223,6 +223,33 @@ def test_nested_transaction_exception_propagates_and_outer_writes_nothing(tmp_pa
     assert store.value == 0
 
 
+def test_nested_transaction_is_a_savepoint_when_the_outer_block_catches(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default={"a": 0}, durable=False)
+    with store.transaction() as outer:
+        outer.value["a"] = 5
+        try:
+            with store.transaction() as inner:
+                inner.value["a"] = 6
+                inner.value["b"] = 1
+                raise KeyError
+        except KeyError:
+            pass
+        assert outer.value == {"a": 5}  # back to the savepoint, not to the file
+    assert lockstore.read(p) == {"a": 5}
+
+
+def test_symlink_and_target_share_one_lock(tmp_path: Path) -> None:
+    target = tmp_path / "d.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    via_link = lockstore.open(link, default=0, durable=False)
+    direct = lockstore.open(target, default=0, durable=False)
+    assert via_link.lock_file == direct.lock_file == str(target) + ".lock"
+    with via_link.transaction(), pytest.raises(lockstore.LockReentryError), direct.transaction():
+        pass
+
+
 def test_commit_inside_transaction_does_not_deadlock(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
     store = lockstore.open(p, default=0, durable=False)
