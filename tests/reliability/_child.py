@@ -4,11 +4,13 @@ Modes
 - ``loop PATH [--inplace] [--pad N]``: transaction loop; after each transaction returns, print its counter (ack).
 - ``op PATH KIND [--inplace] [--nofsync] [--pad N]``: print ``ready``, wait for ``go`` on stdin, run one operation
   (KIND = transaction | commit), print ``ok`` or ``error <class> <errno> <is OSError> <filename>``.
+- ``server PATH``: for each JSON value read from stdin, write it in a transaction and print ``ok``.
 - ``trylock PATH``: print ``free`` when the store's sidecar lock can be taken at once, else ``busy``.
 - ``nobody PATH``: drop privileges to nobody, try a transaction, print the outcome like ``op``.
 - ``fsize PATH LIMIT``: commit a value larger than RLIMIT_FSIZE allows (a real short write, then EFBIG).
 - ``shortwrites PATH``: every os.write writes at most 7 bytes; commit and print ``ok``.
-- ``rss PATH MB FORMAT``: commit and reload an MB-sized value; print the peak RSS growth in bytes.
+- ``rss PATH MB FORMAT PHASE``: commit (PHASE=commit) or load (PHASE=load) an MB-sized value; print the peak
+  RSS growth in bytes over the process's baseline (the value itself included).
 
 Negative-control patches (applied in this process only): ``--inplace`` replaces the atomic writer by one that
 truncates and rewrites the data file in place; ``--nofsync`` turns os.fsync into a no-op.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import resource
 import signal
@@ -77,6 +80,11 @@ def _run(store: Any, kind: str, pad: int) -> None:
         store.commit()
 
 
+def _say(line: str) -> None:
+    # writev, not write: a fault loop that fails the N-th write must not fail the report itself.
+    os.writev(1, [line.encode() + b"\n"])
+
+
 def _one(path: str, kind: str, pad: int) -> None:
     _run(_prepare(path, kind, pad), kind, pad)
 
@@ -100,9 +108,17 @@ def main(argv: list[str]) -> int:
         try:
             _run(store, argv[2], _pad(argv))
         except Exception as exc:  # noqa: BLE001 - reported to the parent
-            print(_outcome(exc), flush=True)
+            _say(_outcome(exc))
             return 0
-        print("ok", flush=True)
+        _say("ok")
+        return 0
+    if mode == "server":
+        # External writer for the state-machine test: one JSON value per line, each written in a transaction.
+        store = lockstore.open(path, default=None)
+        for line in sys.stdin:
+            with store.transaction() as s:
+                s.value = json.loads(line)
+            _say("ok")
         return 0
     if mode == "trylock":
         fd = os.open(path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
@@ -155,16 +171,15 @@ def main(argv: list[str]) -> int:
         return 0
     if mode == "rss":
         size = int(argv[2]) * 1_000_000
-        fmt = argv[3]
+        fmt, phase = argv[3], argv[4]
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        value: Any = {"blob": "x" * size} if fmt == "json" else {"blob": b"x" * size}
-        store = lockstore.open(path, format=fmt, default={})
-        store.value = value
-        store.commit()
-        del value
-        store.value = None
-        store.close()
-        lockstore.open(path, format=fmt, default={})
+        if phase == "commit":
+            store = lockstore.open(path, format=fmt, default={}, lock=False)
+            store.value = {"blob": "x" * size} if fmt == "json" else {"blob": b"x" * size}
+            store.commit()
+        else:
+            store = lockstore.open(path, format=fmt, default={}, lock=False)
+            assert len(store.value["blob"]) == size
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(peak - base, flush=True)
         return 0
