@@ -81,10 +81,13 @@ async def _atransaction(
         raise TransactionLockError(store.path)
     task = asyncio.current_task()
     if lock.held_here(store, task) or store._in_transaction():
+        # Nested: a savepoint, as in transaction(). If the inner block raises, the value goes back to what it was
+        # when the inner block began, and the outer block decides whether the rest is written.
+        savepoint = await _in_thread(_savepoint, store)
         try:
             yield store
         except BaseException:
-            await _in_thread(store._reset)
+            await _in_thread(_rollback, store, savepoint)
             raise
         return
     if store._filelock is not None and store._filelock.is_locked:
@@ -159,10 +162,25 @@ def _begin(store: Store, stale: bool) -> os.stat_result | None:
 
 
 def _finish(store: Store, like: os.stat_result | None) -> None:
-    """In a worker thread, holding the lock: encode once, write only if the value changed."""
+    """In a worker thread, holding the lock: encode once, write only if the value changed (as transaction())."""
     data = store._encode()
-    if data != store._disk:
+    # A missing file reads as ``default``: a block that leaves the default as it was changed nothing.
+    if data != (store._disk if store._disk is not None else store._encoded_default()):
         store._write(data, like)
+
+
+def _savepoint(store: Store) -> bytes | None:
+    try:
+        return store.format.encode(store.value)
+    except Exception:  # unencodable now: a rollback falls back to the value on disk
+        return None
+
+
+def _rollback(store: Store, savepoint: bytes | None) -> None:
+    if savepoint is None:
+        store._reset()
+    else:
+        store.value = store.format.decode(savepoint)
 
 
 async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:

@@ -359,24 +359,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation tools and tests)."""
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="lockstore", description="One value in one file, shared safely by many processes.",
-        epilog=_EPILOG, formatter_class=raw,
-    )
-    from . import __version__
+_KEY_HELP: Final = "dotted path: stats.runs, jobs.0.state (integer parts index lists, negative from the end)"
+_VALUE_HELP: Final = "JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); anything else is taken as a string"
 
-    parser.add_argument("--version", action="version", version=f"lockstore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("file", metavar="FILE", help="the data file (a missing file starts as {})")
-    data.add_argument("--format", choices=_FORMATS, default=None, help="the file's format (default: json)")
+def _add_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="the data file (a missing file starts as {})")
+    p.add_argument("--format", choices=_FORMATS, default=None, help="the file's format (default: json)")
 
-    locking = argparse.ArgumentParser(add_help=False)
-    group = locking.add_argument_group("locking and writing (like flock(1))")
+
+def _add_locking(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("locking and writing (like flock(1))")
     group.add_argument("-w", "--timeout", type=_seconds, metavar="SECONDS", default=None,
                        help="wait at most SECONDS for the lock (default 30; negative waits forever, 0 tries once)")
     group.add_argument("-n", "--nonblock", action="store_true", help="fail at once if the lock is busy")
@@ -386,53 +379,85 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the fsyncs (still atomic against a crash, not against power loss)")
     group.add_argument("--label", help="shown to operators by 'lockstore holder' and in timeout messages")
 
-    def command(name: str, summary: str, details: str, parents: list[argparse.ArgumentParser]) -> Any:
-        return sub.add_parser(name, help=summary, description=f"{summary}\n\n{details}".strip(), parents=parents,
-                              epilog=_EPILOG, formatter_class=raw)
 
-    key_help = "dotted path: stats.runs, jobs.0.state (integer parts index lists, negative from the end)"
-    value_help = "JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); anything else is taken as a string"
-
-    p = command("get", "print the value, or the part at KEY, as JSON", "Reads without taking the lock.", [data])
-    p.add_argument("key", metavar="KEY", type=_key, nargs="?", help=key_help)
+def _args_get(p: argparse.ArgumentParser) -> None:
+    _add_file(p)
+    p.add_argument("key", metavar="KEY", type=_key, nargs="?", help=_KEY_HELP)
     p.add_argument("-r", "--raw", action="store_true", help="print a string without JSON quotes")
-    p.set_defaults(func=_cmd_get)
 
-    p = command("set", "set KEY to VALUE", "Creates missing dicts along KEY.", [data, locking])
-    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
-    p.add_argument("value", metavar="VALUE", type=_value, help=value_help)
-    p.set_defaults(func=_cmd_set)
 
-    p = command("incr", "add N to the number at KEY and print the new value",
-                "A missing KEY starts at 0; missing dicts along KEY are created.", [data, locking])
-    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
-    p.add_argument("--by", type=_number, default=1, metavar="N", help="the increment (default 1; may be negative "
-                   "or a decimal)")
-    p.set_defaults(func=_cmd_incr)
+def _args_key_value(p: argparse.ArgumentParser) -> None:
+    _add_file(p)
+    p.add_argument("key", metavar="KEY", type=_key, help=_KEY_HELP)
+    p.add_argument("value", metavar="VALUE", type=_value, help=_VALUE_HELP)
+    _add_locking(p)
 
-    p = command("append", "append VALUE to the list at KEY",
-                "A missing KEY starts a new list; missing dicts along KEY are created.", [data, locking])
-    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
-    p.add_argument("value", metavar="VALUE", type=_value, help=value_help)
-    p.set_defaults(func=_cmd_append)
 
-    p = command("delete", "remove KEY", "A missing KEY is a key error (exit 3) unless --missing-ok.", [data, locking])
-    p.add_argument("key", metavar="KEY", type=_key, help=key_help)
+def _args_incr(p: argparse.ArgumentParser) -> None:
+    _add_file(p)
+    p.add_argument("key", metavar="KEY", type=_key, help=_KEY_HELP)
+    p.add_argument("--by", type=_number, default=1, metavar="N",
+                   help="the increment (default 1; may be negative or a decimal)")
+    _add_locking(p)
+
+
+def _args_delete(p: argparse.ArgumentParser) -> None:
+    _add_file(p)
+    p.add_argument("key", metavar="KEY", type=_key, help=_KEY_HELP)
     p.add_argument("--missing-ok", action="store_true", help="succeed when KEY is already missing")
-    p.set_defaults(func=_cmd_delete)
+    _add_locking(p)
 
-    p = command("holder", "show who holds FILE's lock, or that it is free",
-                "Prints the pid, host, user, whether the process is alive, how long it has held the lock, its "
-                "command and label, from the record lockstore keeps in FILE.lock. Never takes the lock.", [])
+
+def _args_holder(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="the data file (its lock is FILE.lock)")
     p.add_argument("--json", action="store_true", help="print one JSON object for machines")
-    p.set_defaults(func=_cmd_holder)
 
-    p = command("demo", "the README's demo: worker processes increment one counter, without and with transactions",
-                "Prints the final count of plain reload() + commit() (lost updates) and of transaction() (exact).", [])
+
+def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, default=8, help="worker processes (default 8)")
     p.add_argument("--increments", type=_positive_int, default=200, help="increments per worker (default 200)")
-    p.set_defaults(func=_cmd_demo)
+
+
+_Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+#: name -> (summary, details, add its arguments, run it)
+_COMMANDS: Final[dict[str, _Command]] = {
+    "get": ("print the value, or the part at KEY, as JSON", "Reads without taking the lock.", _args_get, _cmd_get),
+    "set": ("set KEY to VALUE", "Creates missing dicts along KEY.", _args_key_value, _cmd_set),
+    "incr": ("add N to the number at KEY and print the new value",
+             "A missing KEY starts at 0; missing dicts along KEY are created.", _args_incr, _cmd_incr),
+    "append": ("append VALUE to the list at KEY",
+               "A missing KEY starts a new list; missing dicts along KEY are created.", _args_key_value, _cmd_append),
+    "delete": ("remove KEY", "A missing KEY is a key error (exit 3) unless --missing-ok.", _args_delete, _cmd_delete),
+    "holder": ("show who holds FILE's lock, or that it is free",
+               "Prints the pid, host, user, whether the process is alive, how long it has held the lock, its "
+               "command and label, from the record lockstore keeps in FILE.lock. Never takes the lock.",
+               _args_holder, _cmd_holder),
+    "demo": ("the README's demo: worker processes increment one counter, without and with transactions",
+             "Prints the final count of plain reload() + commit() (lost updates) and of transaction() (exact).",
+             _args_demo, _cmd_demo),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, the other commands get no arguments (a command line names one command,
+    and adding every command's arguments costs a noticeable part of a shell-loop iteration's start-up)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lockstore", description="One value in one file, shared safely by many processes.",
+        epilog=_EPILOG, formatter_class=raw,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lockstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, details, add_arguments, run) in _COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=summary)
+            continue
+        p = sub.add_parser(name, help=summary, description=f"{summary}\n\n{details}", epilog=_EPILOG,
+                           formatter_class=raw)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 
@@ -442,7 +467,9 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
     from ._error import CorruptStoreError, LockTimeout, SerializationError
 
     try:

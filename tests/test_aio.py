@@ -169,6 +169,9 @@ def test_reload_under_the_lock_and_no_write_when_unchanged(tmp_path: Path) -> No
 
     async def main() -> None:
         async with store.atransaction() as s:
+            s.value = 0  # the default on a missing file: nothing changed, nothing written
+        assert not path.exists()
+        async with store.atransaction() as s:
             s.value = 5
         with other.transaction() as o:  # another writer changes the file behind ``store``'s back
             o.value = 41
@@ -199,11 +202,26 @@ def test_nested_atransaction_in_the_same_task_joins(tmp_path: Path) -> None:
                 async with store.atransaction():
                     store.value = 100
                     raise ValueError
-            assert store.value == 0  # the failed inner block reset the value to the one on disk
-            store.value = 7
+            assert store.value == 2  # a savepoint: the failed inner block rolled back to its own start
+            store.value += 5
         assert lockstore.read(path) == 7
 
     asyncio.run(main())
+
+
+def test_atransaction_inside_a_sync_transaction_of_the_same_thread_joins(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    store = lockstore.open(path, default=0, durable=False)
+
+    async def main() -> None:
+        with store.transaction() as s:
+            s.value = 1
+            async with store.atransaction(timeout=0) as a:
+                a.value += 1
+            assert not path.exists()
+
+    asyncio.run(main())
+    assert lockstore.read(path) == 2
 
 
 def test_two_tasks_are_told_apart(tmp_path: Path) -> None:
