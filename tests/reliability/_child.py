@@ -103,11 +103,13 @@ def main(argv: list[str]) -> int:
     if mode == "op":
         store = _prepare(path, argv[2], _pad(argv))
         print("ready", flush=True)
-        if sys.stdin.readline().strip() != "go":
+        # readv, not read: a fault loop that fails the N-th read must reach the operation, not this handshake.
+        go = bytearray(3)
+        if os.readv(0, [go]) != 3 or go != b"go\n":
             return 2
         try:
             _run(store, argv[2], _pad(argv))
-        except Exception as exc:  # noqa: BLE001 - reported to the parent
+        except Exception as exc:
             _say(_outcome(exc))
             return 0
         _say("ok")
@@ -135,7 +137,7 @@ def main(argv: list[str]) -> int:
         os.setuid(65534)
         try:
             _one(path, "transaction", 64)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent
+        except Exception as exc:
             print(_outcome(exc), flush=True)
             return 0
         print("ok", flush=True)
@@ -149,7 +151,7 @@ def main(argv: list[str]) -> int:
         store.value = bump(store.value, 4 * limit)
         try:
             store.commit()
-        except Exception as exc:  # noqa: BLE001 - reported to the parent
+        except Exception as exc:
             print(_outcome(exc), flush=True)
             return 0
         print("ok", flush=True)

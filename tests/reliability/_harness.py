@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -241,7 +240,7 @@ def read_worker(path: str, stop: Any, results: Any) -> None:
     while not stop.is_set():
         try:
             value = lockstore.read(path)
-        except Exception as exc:  # noqa: BLE001 - a reader must never see a broken file
+        except Exception as exc:
             bad.append(f"read failed: {exc!r}")
             continue
         if value is None:

@@ -73,8 +73,8 @@ def check_protocol(calls: list[Call], data: str, *, reload: bool) -> list[str]:
         v.append(f"temp file opened without O_CREAT|O_EXCL: {calls[opened].args}")
     if not locked < opened < unlocked:
         v.append("temp file created outside the lock")
-    if reload and not any(c.name in ("openat", "newfstatat", "statx", "stat", "lstat") and data in (c.fd_path, *c.strings)
-                          for c in calls[locked:opened]):
+    looks = ("openat", "newfstatat", "statx", "stat", "lstat")
+    if reload and not any(c.name in looks and data in (c.fd_path, *c.strings) for c in calls[locked:opened]):
         v.append("the data file was not re-read (or even stat'ed) under the lock before the write")
     writes = [i for i, c in enumerate(calls) if c.name in ("write", "pwrite64", "writev") and c.fd_path == temp]
     syncs = [i for i, c in enumerate(calls) if c.name in ("fsync", "fdatasync") and c.fd_path == temp]
