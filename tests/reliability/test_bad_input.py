@@ -96,16 +96,11 @@ DAMAGED: list[tuple[str, str, bytes]] = [
 ]
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize(("fmt", "what", "content"), DAMAGED, ids=[f"{f}-{w}" for f, w, _ in DAMAGED])
-def test_damaged_file_raises_and_is_never_replaced(tmp_path: Path, fmt: str, what: str, content: bytes) -> None:
-    if fmt == "bson":
-        pytest.importorskip("bson")
+def damaged(tmp_path: Path, fmt: str, what: str, content: bytes, **options: Any) -> list[str]:
+    """Every way of meeting a damaged file must raise CorruptStoreError and leave the file as it is."""
     path = tmp_path / "store.data"
     path.write_bytes(content)
-    before = _state(path)
     violations: list[str] = []
-
     where = path
 
     def expect_corrupt(label: str, fn: Any) -> None:
@@ -120,12 +115,14 @@ def test_damaged_file_raises_and_is_never_replaced(tmp_path: Path, fmt: str, wha
         else:
             violations.append(f"{what}: {label}: decoded without an error")
 
-    expect_corrupt("open", lambda: lockstore.open(path, format=fmt, default={"fresh": 1}))
+    expect_corrupt("open", lambda: lockstore.open(path, format=fmt, default={"fresh": 1}, **options))
     expect_corrupt("read", lambda: lockstore.read(path, format=fmt, default={"fresh": 1}))
     # A store opened while the file was still fine meets the damage at reload and in a transaction.
     good = tmp_path / "good.data"
-    store = lockstore.open(good, format=fmt, default={"fresh": 1})
+    store = lockstore.open(good, format=fmt, default={"fresh": 1}, **options)
     store.commit()
+    if not path.exists():  # moved aside by on_corrupt="backup" (the negative control)
+        path.write_bytes(content)
     os.replace(path, good)
     before = _state(good)
     where = good
@@ -135,18 +132,35 @@ def test_damaged_file_raises_and_is_never_replaced(tmp_path: Path, fmt: str, wha
             s.value = {"fresh": 2}
 
     def commit_via_with() -> None:
-        with lockstore.open(good, format=fmt, default={"fresh": 1}) as s:
+        with lockstore.open(good, format=fmt, default={"fresh": 1}, **options) as s:
             s.value = {"fresh": 3}
 
     expect_corrupt("reload", store.reload)
     expect_corrupt("transaction", transact)
     expect_corrupt("with-block", commit_via_with)
-    if _state(good) != before:
+    if not good.exists() or _state(good) != before:
         violations.append(f"{what}: the damaged file was replaced")
     if temp_files(tmp_path):
         violations.append(f"{what}: temp files left")
+    return violations
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("fmt", "what", "content"), DAMAGED, ids=[f"{f}-{w}" for f, w, _ in DAMAGED])
+def test_damaged_file_raises_and_is_never_replaced(tmp_path: Path, fmt: str, what: str, content: bytes) -> None:
+    if fmt == "bson":
+        pytest.importorskip("bson")
+    violations = damaged(tmp_path, fmt, what, content)
     report(violations)
     assert violations == []
+
+
+@pytest.mark.timeout(60)
+def test_negative_control_backup_mode_is_caught(tmp_path: Path) -> None:
+    """on_corrupt="backup" moves the damaged file aside and starts from the default: the check must object."""
+    violations = damaged(tmp_path, "json", "truncated (backup mode)", b'{"n": 1, ', on_corrupt="backup")
+    report(violations, negative=True)
+    assert any("replaced" in v for v in violations) and any("without an error" in v for v in violations), violations
 
 
 @pytest.mark.timeout(60)

@@ -150,7 +150,8 @@ def _seed(data: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- strace injection
-def inject(tmp_path: Path, kind: str, syscall: str, err: str, k: int) -> tuple[Outcome, bool, list[str]]:
+def inject(tmp_path: Path, kind: str, syscall: str, err: str, k: int,
+           patch: tuple[str, ...] = ()) -> tuple[Outcome, bool, list[str]]:
     """Fail the K-th ``syscall`` of one operation of a child with ``err``.
 
     Return the outcome, whether the fault was hit (the operation made at least K such calls), and the violations.
@@ -160,7 +161,7 @@ def inject(tmp_path: Path, kind: str, syscall: str, err: str, k: int) -> tuple[O
     if not data.exists():
         _seed(data)
     before = Snapshot.of(data)
-    child = Attached(["op", str(data), kind],
+    child = Attached(["op", str(data), kind, *patch],
                      ["-o", str(trace), "-e", f"trace={syscall}", "-e", f"inject={syscall}:error={err}:when={k}"])
     code, out, stderr = child.go()
     assert out.strip(), (code, out, stderr)  # the report is written before any exit-time failure
@@ -188,6 +189,17 @@ def test_fsync_error_is_reported_never_retried(tmp_path: Path, err: str) -> None
     violations += usable(tmp_path / f"fsync-{err}.json")
     report(violations)
     assert violations == []
+
+
+@pytest.mark.timeout(60)
+def test_negative_control_writer_without_fsync_is_caught(tmp_path: Path) -> None:
+    """A child whose os.fsync is patched away never meets the injected fsync error: the check must object."""
+    need_tool("strace")
+    first, hit, violations = inject(tmp_path, "transaction", "fsync", "EIO", 1, patch=("--nofsync",))
+    if first.ok or first.errno != errno.EIO:
+        violations.append(f"temp fsync EIO: expected an OSError with errno EIO, got {first}")
+    report(violations, negative=True)
+    assert violations and not hit
 
 
 NTH_SYSCALLS = ["openat", "write", "fsync", "rename", "close", "flock", "pwrite64", "ftruncate", "newfstatat",
