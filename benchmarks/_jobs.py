@@ -9,9 +9,9 @@ update was lost. Everything here runs in the worker processes too, so it must be
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
-import shutil
 import sqlite3
 from collections.abc import Callable
 from time import perf_counter
@@ -292,7 +292,18 @@ class Lockstore(Competitor):
                 s.value["n"] += 1
             return waited
 
-        return op, store.close
+        def close() -> None:
+            store.close()
+            # The run's directory is never used again: let go of lockstore's per-process descriptor of its lock
+            # file (private state, so a worker does not collect hundreds of them over a full run).
+            from lockstore import _lock
+
+            registry = getattr(_lock, "_REGISTRY", {})
+            shared = registry.pop(os.path.normcase(os.path.abspath(path + ".lock")), None)
+            if shared is not None and shared.fd is not None:
+                os.close(shared.fd)
+
+        return op, close
 
     def count(self, path: str) -> int:
         import lockstore
@@ -317,9 +328,15 @@ EXTRA: list[Competitor] = [Lockstore(durable=True, record=False), Lockstore(dura
 BY_NAME: dict[str, Competitor] = {c.name: c for c in COUNTER + EXTRA}
 
 
+_RUNS = itertools.count()
+
+
 def fresh_dir(root: str, tag: str) -> str:
-    """An empty directory for one run (the previous one of the same tag is removed)."""
-    path = os.path.join(root, tag)
-    shutil.rmtree(path, ignore_errors=True)
+    """A new empty directory for one run, never a name used before in this benchmark.
+
+    Never the same path twice: lockstore keeps its lock file open for the life of the process (one descriptor per
+    lock file), so a worker that saw a deleted and re-created lock file at the same path would lock the old inode.
+    """
+    path = os.path.join(root, f"{tag}-{next(_RUNS)}")
     os.makedirs(path)
     return path

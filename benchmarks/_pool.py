@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import resource
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,6 +26,8 @@ class RunResult:
     elapsed: float  # first start to last end, seconds
     waits: list[float]  # time to acquire the lock, every increment of every process
     durations: list[float]  # whole increment, every increment of every process
+    cpu: float  # user + system seconds of all the processes during the run (all their threads)
+    switches: int  # voluntary + involuntary context switches of all the processes during the run
 
     @property
     def ops(self) -> int:
@@ -53,17 +56,21 @@ def _serve(conn: Connection) -> None:
         waits: list[float] = []
         durations: list[float] = []
         try:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = perf_counter()
             for _ in range(count):
                 begin = perf_counter()
                 waits.append(op())
                 durations.append(perf_counter() - begin)
             end = perf_counter()
+            after = resource.getrusage(resource.RUSAGE_SELF)
             close()
         except BaseException:
             conn.send(("error", traceback.format_exc()))
             continue
-        conn.send((start, end, waits, durations))
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        switches = after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw
+        conn.send((start, end, waits, durations, cpu, switches))
 
 
 class Pool:
@@ -101,6 +108,8 @@ class Pool:
             elapsed=max(ends) - min(starts),
             waits=[w for r in replies for w in r[2]],
             durations=[d for r in replies for d in r[3]],
+            cpu=sum(r[4] for r in replies),
+            switches=sum(r[5] for r in replies),
         )
 
     def close(self) -> None:

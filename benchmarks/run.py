@@ -204,7 +204,8 @@ class Bench:
         sec = Section(f"Fairness (issue 3): {p} processes x {n} durable transactions against 1 process x {n}, "
                       f"{cfg.fair_repeats} repeats",
                       ["lock", "acquire p50", "p99", "max", "ideal (P x median txn)", "max / ideal",
-                       f"aggregate {p} procs / 1 proc", "correct final count"])
+                       f"aggregate {p} procs / 1 proc", f"CPU per txn (1 / {p} procs)",
+                       f"context switches per txn (1 / {p} procs)", "correct final count"])
         label = {"lockstore": "lockstore (its defaults)", "recipe": "filelock.FileLock defaults (recipe)",
                  "floor": "bare blocking flock (floor)"}
         for name in names:
@@ -215,7 +216,12 @@ class Bench:
             worst = median([max(c.waits) for c in contended])
             agg = paired_ratio([c.throughput for c in contended], [s.throughput for s in single])
             sec.rows.append([label[name], fmt_time(p50), fmt_time(p99), fmt_time(worst), fmt_time(ideal),
-                             f"{worst / ideal:.1f}x", f"{agg:.2f}x", self.correctness(finals[name])])
+                             f"{worst / ideal:.1f}x", f"{agg:.2f}x",
+                             f"{fmt_time(median([s.cpu / s.ops for s in single]))} / "
+                             f"{fmt_time(median([c.cpu / c.ops for c in contended]))}",
+                             f"{median([s.switches / s.ops for s in single]):.1f} / "
+                             f"{median([c.switches / c.ops for c in contended]):.1f}",
+                             self.correctness(finals[name])])
             if name == "lockstore":
                 self.targets.append(Target(f"fairness: aggregate {p} procs x {n} txns vs 1 process", ">= 0.9x",
                                            f"{agg:.2f}x", agg >= 0.9))
