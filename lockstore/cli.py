@@ -324,7 +324,7 @@ def _cmd_holder(args: argparse.Namespace) -> int:
                           "holder": None if holder is None else _holder_dict(holder)}))
         return EXIT_OK
     if holder is None:
-        print(f"{store.lock_file}: free (no lockstore process holds it)")
+        print(f"{store.lock_file}: free (no holder recorded; a program that does not use lockstore leaves none)")
         return EXIT_OK
     import time
 
@@ -360,7 +360,8 @@ def _positive_int(text: str) -> int:
 
 
 _KEY_HELP: Final = "dotted path: stats.runs, jobs.0.state (integer parts index lists, negative from the end)"
-_VALUE_HELP: Final = "JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); anything else is taken as a string"
+_VALUE_HELP: Final = ("JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); anything else is taken as a string; "
+                      "put -- before a VALUE that starts with - and is not a number")
 
 
 def _add_file(p: argparse.ArgumentParser) -> None:

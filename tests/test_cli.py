@@ -147,6 +147,14 @@ def test_value_is_json_else_a_string(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert lockstore.read(f) == {"k": value}
 
 
+def test_values_starting_with_a_dash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = str(tmp_path / "v.json")
+    assert main(capsys, "set", f, "n", "-5")[0] == 0
+    assert main(capsys, "set", f, "s", "--", "-x")[0] == 0
+    assert main(capsys, "append", f, "l", "--", "--flag")[0] == 0
+    assert lockstore.read(f) == {"n": -5, "s": "-x", "l": ["--flag"]}
+
+
 def test_key_paths_create_dicts_and_index_lists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = str(tmp_path / "k.json")
     assert main(capsys, "set", f, "a.b.c", "1")[0] == 0
