@@ -2,14 +2,15 @@
 
 A transaction's steps are the same as :meth:`Store.transaction`'s; only where they run differs:
 
-- Waiting, inside this loop: tasks of one loop that want the same lock file queue on an ``asyncio.Lock`` (their
-  "turn"), first come first served, so an in-process hand-over is immediate and costs no polling.
-- Waiting for other processes: the task whose turn it is first tries ``Lock.try_acquire`` (one attempt that never
-  blocks); if another process holds the lock, it waits in the lock's own blocking wait (``Lock.acquire``, which sits
-  in the kernel's flock queue) in a dedicated thread, in slices of ``_SLICE`` seconds so that a cancelled task
-  stops waiting promptly. Polling with ``try_acquire`` alone loses every race against sync waiters that sit in the
-  kernel's queue: measured with two processes running back-to-back transactions, a polling task waited up to 1.5 s
-  for a lock that sync waiters got within 0.1 ms.
+- Waiting, inside this loop: tasks of one loop that want the same lock file take turns on an ``asyncio.Lock``
+  (``_Turn``), first come first served, so an in-process hand-over is immediate and costs no polling.
+- Waiting for other processes: the task whose turn it is tries ``Lock.try_acquire`` (one attempt that never
+  blocks); if another process holds the native lock, it waits in the lock's own blocking wait (``Lock.acquire``,
+  which sits in the kernel's flock queue) in a dedicated thread, in slices of ``_SLICE`` seconds so that a cancelled
+  task stops waiting promptly. Polling ``try_acquire`` alone loses nearly every race against sync waiters that sit
+  in the kernel's queue: with two processes running back-to-back transactions, a polling task waited up to 1.5 s
+  for a lock that the sync waiters got within 0.1 ms (now: 5-10 ms). A caller's filelock lock (``lock=SoftFileLock``)
+  is per thread, so it is polled on the loop's thread with ``asyncio.sleep`` backoff instead, as filelock does.
 - File I/O (sweep, reload, encode, atomic write, the holder record read for a timeout message) runs in a worker
   thread through ``asyncio.to_thread``; the lock is released after that work has finished, even when the task is
   cancelled meanwhile (a write still running in a thread must never outlive the lock).
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from . import _atomic
 from ._error import LockReentryError, LockTimeout, TransactionLockError
-from ._lock import SidecarLock
+from ._lock import FIRST_PAUSE, SidecarLock
 
 if TYPE_CHECKING:
     from ._lock import Lock
@@ -42,16 +43,25 @@ log = logging.getLogger("lockstore")
 _T = TypeVar("_T")
 #: Longest single blocking wait in a thread: how long a cancelled task may take to notice it was cancelled.
 _SLICE: Final = 0.25
-#: Each loop's turns, one ``asyncio.Lock`` per lock file (see the module doc).
-_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = weakref.WeakKeyDictionary()
+class _Turn(asyncio.Lock):
+    """The tasks of one loop that want one lock file take turns (first come, first served); ``owner`` is the task
+    whose turn it is, so that it asking again through a second Store object fails at once instead of waiting for
+    itself. Taking turns also keeps a caller's filelock lock (``lock=SoftFileLock(...)``) correct: filelock locks are
+    reentrant per thread, so two tasks of one thread would otherwise both "acquire" it."""
+
+    owner: object = None
 
 
-def _turn(lock_file: str) -> asyncio.Lock:
+#: Each loop's turns, one per lock file.
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Turn]] = weakref.WeakKeyDictionary()
+
+
+def _turn(lock_file: str) -> _Turn:
     turns = _TURNS.setdefault(asyncio.get_running_loop(), {})
     key = os.path.normcase(os.path.abspath(lock_file))
     turn = turns.get(key)
     if turn is None:
-        turn = turns[key] = asyncio.Lock()
+        turn = turns[key] = _Turn()
     return turn
 
 
@@ -94,8 +104,10 @@ async def _atransaction(
         raise LockReentryError(lock.lock_file)
     wait = store.timeout if timeout is None else float(timeout)
     turn = _turn(lock.lock_file)
-    stale, has_turn = await _acquire(store, lock, task, turn, wait, blocking=True if blocking is None else blocking,
-                                     label=label)
+    if turn.owner is task:
+        raise LockReentryError(lock.lock_file)
+    stale = await _acquire(store, lock, task, turn, wait, blocking=True if blocking is None else blocking,
+                           label=label)
     try:
         try:
             like = await _in_thread(_begin, store, stale)
@@ -108,42 +120,50 @@ async def _atransaction(
         finally:
             lock.release()
     finally:
-        if has_turn:
-            turn.release()
+        turn.owner = None
+        turn.release()
 
 
-async def _acquire(store: Store, lock: Lock, task: object, turn: asyncio.Lock, timeout: float, *, blocking: bool,
-                   label: str | None) -> tuple[bool, bool]:
-    """Take the lock within ``timeout`` (negative: no limit; 0 or not blocking: one try); return (stale, has_turn).
+async def _acquire(store: Store, lock: Lock, task: object, turn: _Turn, timeout: float, *, blocking: bool,
+                   label: str | None) -> bool:
+    """Take this loop's turn, then the lock, within ``timeout`` (negative: no limit; 0 or not blocking: one try).
 
-    Raises LockTimeout, LockReentryError (this task holds the lock through another Store object).
+    Returns True when a killed holder's leftovers should be swept. On any failure the turn is given back. Raises
+    LockTimeout, LockReentryError (this task holds the lock through another Store object).
     """
     start = time.monotonic()
-    stale = lock.try_acquire(store, label=label, owner=task)  # raises LockReentryError before any wait
-    if stale is not None:
-        return stale, False
-    if not blocking or timeout == 0:
-        raise await _timeout(store, lock, time.monotonic() - start)
+    once = not blocking or timeout == 0
+    if once and turn.locked():
+        raise await _timeout(store, lock, 0.0)
     try:
         async with asyncio.timeout(None if timeout < 0 else timeout):
-            await turn.acquire()
+            await turn.acquire()  # returns at once, without yielding to the loop, when nobody has the turn
     except TimeoutError:
         raise await _timeout(store, lock, time.monotonic() - start) from None
+    turn.owner = task
     try:
+        pause = FIRST_PAUSE
         while True:
             stale = lock.try_acquire(store, label=label, owner=task)
             if stale is not None:
-                return stale, True
-            seconds = _SLICE
+                return stale
+            seconds = -1.0
             if timeout >= 0:
-                left = start + timeout - time.monotonic()
-                if left <= 0:
+                seconds = start + timeout - time.monotonic()
+                if once or seconds <= 0:
                     raise await _timeout(store, lock, time.monotonic() - start)
-                seconds = min(_SLICE, left)
-            got = await _wait_in_thread(store, lock, task, seconds, label)
-            if got is not None:
-                return got, True
+            if isinstance(lock, SidecarLock):
+                # Wait in the kernel's queue; slices keep a cancellation prompt.
+                got = await _wait_in_thread(store, lock, task, _SLICE if seconds < 0 else min(_SLICE, seconds), label)
+                if got is not None:
+                    return got
+            else:
+                # A caller's filelock lock is per thread: it must be taken and released on this (the loop's) thread,
+                # so poll it, as filelock itself does.
+                await asyncio.sleep(pause if seconds < 0 else min(pause, seconds))
+                pause = min(pause * 2, store.poll_interval)
     except BaseException:
+        turn.owner = None
         turn.release()
         raise
 

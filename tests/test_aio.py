@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import pytest
 
 import lockstore
@@ -91,6 +92,29 @@ def test_negative_control_tasks_without_a_transaction_lose_updates(tmp_path: Pat
 
     asyncio.run(main())
     assert lockstore.read(path) == 1
+
+
+def test_many_tasks_with_a_soft_lock_are_exact(tmp_path: Path) -> None:
+    """A caller's filelock lock is reentrant per thread, so tasks of one thread must take turns to exclude each
+    other; the first assertion is the hazard (the negative control), the count is the guard."""
+    soft = filelock.SoftFileLock(str(tmp_path / "c.json.soft"))
+    with soft, soft:  # reentrant within a thread: two tasks of one thread would both "hold" it
+        assert soft.is_locked
+    store = lockstore.open(tmp_path / "c.json", default=0, durable=False, lock=soft)
+
+    async def worker() -> None:
+        for _ in range(10):
+            async with store.atransaction() as s:
+                value = s.value
+                await asyncio.sleep(0)
+                s.value = value + 1
+
+    async def main() -> None:
+        await asyncio.gather(*(worker() for _ in range(10)))
+
+    asyncio.run(main())
+    assert lockstore.read(tmp_path / "c.json") == 100
+    assert not soft.is_locked
 
 
 _SYNC_CHILD = """
