@@ -174,6 +174,12 @@ def main(argv: list[str]) -> int:
     if mode == "rss":
         size = int(argv[2]) * 1_000_000
         fmt, phase = argv[3], argv[4]
+        # Warm up first, so that lazy imports and first-use caches are not counted against the value.
+        warm = lockstore.open(path + ".warm", format=fmt, default={"blob": "x"}, lock=False)
+        warm.commit()
+        warm.reload()
+        warm.close()
+        os.unlink(path + ".warm")
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if phase == "commit":
             store = lockstore.open(path, format=fmt, default={}, lock=False)
