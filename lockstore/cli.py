@@ -29,8 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 if TYPE_CHECKING:
-    from ._holder import Holder
-    from ._store import Store
+    from . import Holder, Store
 
 EXIT_OK: Final = 0
 EXIT_CONFLICT: Final = 1
@@ -232,7 +231,7 @@ def _open(args: argparse.Namespace) -> Store:
 
 def _transact(args: argparse.Namespace, change: Callable[[Any, argparse.Namespace], Any]) -> Any:
     """Run ``change(value, args)`` in one transaction, announcing a long wait on a terminal (see the module doc)."""
-    from ._error import LockTimeout
+    from . import LockTimeout
 
     store = _open(args)
     timeout = store.timeout if args.timeout is None else args.timeout
@@ -246,7 +245,7 @@ def _transact(args: argparse.Namespace, change: Callable[[Any, argparse.Namespac
             waited = exc.waited
             holder = exc.holder.describe(stale=exc.holder_stale) if exc.holder is not None else "no holder record"
             forever = "forever" if timeout < 0 else f"up to {timeout - waited:.1f} s more"
-            print(f"lockstore: waiting ({forever}) for the lock on {args.file}: {holder}", file=sys.stderr, flush=True)
+            _error(f"waiting ({forever}) for the lock on {args.file}: {holder}")
             timeout = timeout if timeout < 0 else max(0.0, timeout - waited)
     try:
         with store.transaction(timeout=timeout, blocking=blocking, label=args.label) as s:
@@ -336,7 +335,7 @@ def _cmd_holder(args: argparse.Namespace) -> int:
     print(f"  user:     {holder.user}")
     print(f"  alive:    {alive[holder.alive]}")
     print(f"  held for: {holder.held_for:.1f} s (since {since})")
-    print(f"  command:  {' '.join(holder.cmdline)}")
+    print(f"  command:  {_one_line(' '.join(holder.cmdline))}")
     if holder.label:
         print(f"  label:    {holder.label}")
     return EXIT_OK
@@ -462,8 +461,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A recorded command line may hold newlines (``python -c`` scripts): keep each message on one line."""
+    return " ".join(text.splitlines())
+
+
 def _error(message: str) -> None:
-    print(f"lockstore: {message}", file=sys.stderr, flush=True)
+    import contextlib
+
+    with contextlib.suppress(OSError):  # stderr is gone (a closed terminal or pipe): the exit code still tells
+        print(f"lockstore: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
-    from ._error import CorruptStoreError, LockTimeout, SerializationError
+    from . import CorruptStoreError, LockTimeout, SerializationError
 
     try:
         code: int = args.func(args)

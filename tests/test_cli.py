@@ -42,7 +42,7 @@ def ok(*args: str) -> str:
     return proc.stdout
 
 
-def read_line(fd: int, deadline: float) -> str:
+def read_chunk(fd: int, deadline: float) -> str:
     ready, _, _ = select.select([fd], [], [], deadline)
     assert ready, f"no output within {deadline} s"
     return os.read(fd, 65536).decode(errors="replace")
@@ -254,6 +254,7 @@ def test_lock_timeout_names_the_holder_and_uses_the_conflict_exit_code(tmp_path:
         assert err.startswith("lockstore: timed out after 0.")
         assert f"by pid {child.pid} on host" in err and "(alive)" in err and "[label: nightly-rollup]" in err
         assert "deleting the lock file does not help" in err
+        assert err.count("\n") == 1  # one line, though the holder's command line (python -c ...) holds newlines
 
         busy = run("incr", "-n", str(f), "n")  # -n: one try, default conflict code 1
         assert busy.returncode == cli.EXIT_CONFLICT == 1
@@ -279,22 +280,24 @@ def test_holder_command(tmp_path: Path) -> None:
 
 def test_waiting_on_a_terminal_is_announced_with_the_holder(tmp_path: Path) -> None:
     f = tmp_path / "c.json"
-    with holding(f, label="slow-job") as child:
-        master, slave = pty.openpty()
-        try:
-            waiter = subprocess.Popen([*LOCKSTORE, "incr", "-w", str(DEADLINE), str(f), "n"], stdout=subprocess.PIPE,
-                                      stderr=slave, text=True)
-            os.close(slave)
+    master, slave = pty.openpty()
+    try:
+        with holding(f, label="slow-job") as child:
+            waiter = subprocess.Popen([*LOCKSTORE, "incr", "-w", str(DEADLINE), str(f), "n"],
+                                      stdout=subprocess.PIPE, stderr=slave, text=True)
             seen = ""
             while "\n" not in seen:
-                seen += read_line(master, DEADLINE)
-            assert seen.startswith("lockstore: waiting (up to ")
-            assert f"by pid {child.pid}" in seen and "[label: slow-job]" in seen
+                seen += read_chunk(master, DEADLINE)
+            first = seen.split("\n")[0]  # one line, though the holder's command line holds newlines
+            assert first.startswith("lockstore: waiting (up to ")
+            assert f"by pid {child.pid}" in first and "[label: slow-job]" in first
             assert waiter.poll() is None  # still waiting, for the holder it named
-        finally:
-            os.close(master)
-    out, _ = waiter.communicate(timeout=DEADLINE)
-    assert (waiter.returncode, out) == (0, "1\n")
+        out, _ = waiter.communicate(timeout=DEADLINE)
+        rest = read_chunk(master, 0) if select.select([master], [], [], 0)[0] else ""
+        assert (waiter.returncode, out) == (0, "1\n"), rest
+    finally:
+        os.close(slave)
+        os.close(master)
 
 
 def test_waiting_is_not_announced_without_a_terminal(tmp_path: Path) -> None:
