@@ -43,6 +43,8 @@ log = logging.getLogger("lockstore")
 _T = TypeVar("_T")
 #: Longest single blocking wait in a thread: how long a cancelled task may take to notice it was cancelled.
 _SLICE: Final = 0.25
+
+
 class _Turn(asyncio.Lock):
     """The tasks of one loop that want one lock file take turns (first come, first served); ``owner`` is the task
     whose turn it is, so that it asking again through a second Store object fails at once instead of waiting for
@@ -72,8 +74,10 @@ def atransaction(
 
     Same semantics as :meth:`Store.transaction`: lock, reload, run the block, write atomically if the value changed,
     release; if the block raises, nothing is written, ``store.value`` goes back to the value on disk and the
-    exception propagates. A nested ``atransaction`` (or ``transaction``) of the same store in the same task joins the
-    outer one. Another task waits for the lock like another thread would, so a task must not wait, inside its
+    exception propagates. A nested ``atransaction`` of the same store in the same task (or inside a ``transaction()``
+    of the same thread) joins the outer one as a savepoint: if the inner block raises, the value goes back to what it
+    was when the inner block began. A second Store object on the same file, nested in the same task, raises
+    LockReentryError at once. Another task waits for the lock like another thread would, so a task must not wait, inside its
     transaction, for a task that opens a transaction on the same file (it would time out). Inside the block, do not
     call the blocking ``store.transaction()`` or ``store.commit()``: they would wait, blocking the loop, for the lock
     this task holds. Raises TransactionLockError, LockTimeout, LockReentryError, CorruptStoreError,
