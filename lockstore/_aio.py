@@ -74,14 +74,16 @@ def atransaction(
 
     Same semantics as :meth:`Store.transaction`: lock, reload, run the block, write atomically if the value changed,
     release; if the block raises, nothing is written, ``store.value`` goes back to the value on disk and the
-    exception propagates. A nested ``atransaction`` of the same store in the same task (or inside a ``transaction()``
-    of the same thread) joins the outer one as a savepoint: if the inner block raises, the value goes back to what it
-    was when the inner block began. A second Store object on the same file, nested in the same task, raises
-    LockReentryError at once. Another task waits for the lock like another thread would, so a task must not wait, inside its
-    transaction, for a task that opens a transaction on the same file (it would time out). Inside the block, do not
-    call the blocking ``store.transaction()`` or ``store.commit()``: they would wait, blocking the loop, for the lock
-    this task holds. Raises TransactionLockError, LockTimeout, LockReentryError, CorruptStoreError,
-    SerializationError, OSError, as ``transaction()`` does.
+    exception propagates. A nested ``atransaction`` of the same store in the same task (or inside a
+    ``transaction()`` of the same thread) joins the outer one as a savepoint: if the inner block raises, the value
+    goes back to what it was when the inner block began. A second Store object on the same file, nested in the same
+    task, raises LockReentryError at once.
+
+    Another task waits for the lock like another thread would, so a task must not wait, inside its transaction, for
+    a task that opens a transaction on the same file (it would time out). Inside the block, do not call the blocking
+    ``store.transaction()`` or ``store.commit()``: they would wait, blocking the loop, for the lock this task holds.
+    Raises TransactionLockError, LockTimeout, LockReentryError, CorruptStoreError, SerializationError, OSError, as
+    ``transaction()`` does.
     """
     return _atransaction(store, timeout, blocking=blocking, label=label)
 
