@@ -29,6 +29,15 @@ def lock_free_now(path: Path) -> bool:
     return True
 
 
+def _holder(path: Path) -> object:
+    """holder() as a store sees it (without decoding the data file, which may be torn in a negative control)."""
+    from lockstore import _lock
+
+    lock = _lock.build(True, str(path))
+    assert lock is not None
+    return lock.holder()
+
+
 def kill_loop(directory: Path, kills: int, *, pad: int, inplace: bool = False, seed: int = 0) -> list[str]:
     """Kill a transaction-loop writer ``kills`` times at random moments; return the violations seen."""
     rng = random.Random(seed)
@@ -56,6 +65,9 @@ def kill_loop(directory: Path, kills: int, *, pad: int, inplace: bool = False, s
         add("kills")
         if not lock_free_now(path):
             violations.append(f"kill {i}: the lock is still held after its holder died")
+        holder = _holder(path)
+        if holder is not None:
+            violations.append(f"kill {i}: holder() reports {holder} for a free lock")
         try:
             n = check_value(lockstore.read(path))
         except (ValueError, OSError) as exc:
