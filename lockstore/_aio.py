@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -31,7 +30,6 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from . import _atomic
 from ._error import LockReentryError, LockTimeout, TransactionLockError
 from ._lock import FIRST_PAUSE, SidecarLock
 
@@ -39,7 +37,6 @@ if TYPE_CHECKING:
     from ._lock import Lock
     from ._store import Store
 
-log = logging.getLogger("lockstore")
 _T = TypeVar("_T")
 #: Longest single blocking wait in a thread: how long a cancelled task may take to notice it was cancelled.
 _SLICE: Final = 0.25
@@ -99,11 +96,11 @@ async def _atransaction(
     if lock.held_here(store, task) or store._in_transaction():
         # Nested: a savepoint, as in transaction(). If the inner block raises, the value goes back to what it was
         # when the inner block began, and the outer block decides whether the rest is written.
-        savepoint = await _in_thread(_savepoint, store)
+        savepoint = await _in_thread(store._savepoint)
         try:
             yield store
         except BaseException:
-            await _in_thread(_rollback, store, savepoint)
+            await _in_thread(store._rollback, savepoint)
             raise
         return
     if store._filelock is not None and store._filelock.is_locked:
@@ -122,7 +119,7 @@ async def _atransaction(
             except BaseException:
                 await _in_thread(store._reset)
                 raise
-            await _in_thread(_finish, store, like)
+            await _in_thread(store._finish, like)
         finally:
             lock.release()
     finally:
@@ -231,36 +228,10 @@ def _begin(store: Store, stale: bool) -> os.stat_result | None:
     # must not try to take the lock again from this thread.
     local.depth, local.pid = 1, os.getpid()
     try:
-        if stale or not store._swept:
-            removed = _atomic.sweep(store.path)
-            store._swept = True
-            if removed:
-                log.info("lockstore: removed %d temp file(s) left by a killed writer of %s", len(removed), store.path)
+        store._sweep(stale)
         return store._refresh()
     finally:
         local.depth = 0
-
-
-def _finish(store: Store, like: os.stat_result | None) -> None:
-    """In a worker thread, holding the lock: encode once, write only if the value changed (as transaction())."""
-    data = store._encode()
-    # A missing file reads as ``default``: a block that leaves the default as it was changed nothing.
-    if data != (store._disk if store._disk is not None else store._encoded_default()):
-        store._write(data, like)
-
-
-def _savepoint(store: Store) -> bytes | None:
-    try:
-        return store.format.encode(store.value)
-    except Exception:  # unencodable now: a rollback falls back to the value on disk
-        return None
-
-
-def _rollback(store: Store, savepoint: bytes | None) -> None:
-    if savepoint is None:
-        store._reset()
-    else:
-        store.value = store.format.decode(savepoint)
 
 
 async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:

@@ -48,7 +48,7 @@ class Holder:
         """One line for people: how long, which process, on which host, whether alive, its command and label."""
         state = {True: "alive", False: "dead", None: "liveness unknown"}[self.alive]
         who = f"pid {self.pid} on host {self.host} ({state})"
-        cmd = " ".join(self.cmdline)
+        cmd = " ".join(" ".join(arg.split()) for arg in self.cmdline)  # one line, even for python -c "..."
         label = f" [label: {self.label}]" if self.label else ""
         if stale:
             return (

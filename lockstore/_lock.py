@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Final, Protocol
@@ -177,6 +178,18 @@ class _Waiter:
             return False
 
 
+def _task_of_this_threads_loop(owner: object) -> bool:
+    """Whether ``owner`` is an asyncio task of the event loop running in this thread: a blocking wait here (a sync
+    ``transaction()`` or ``commit()`` inside ``atransaction()``) would stop the very loop that must release the lock."""
+    aio = sys.modules.get("asyncio")
+    if aio is None or not isinstance(owner, aio.Task):
+        return False
+    try:
+        return owner.get_loop() is aio.get_running_loop()
+    except RuntimeError:
+        return False
+
+
 class SidecarLock:
     """The native lock on a sidecar file (see the module docstring)."""
 
@@ -209,7 +222,7 @@ class SidecarLock:
                 label: str | None, owner: object = None) -> bool:
         shared = self._shared
         me = threading.get_ident() if owner is None else owner
-        if shared.owner == me:
+        if shared.owner == me or (owner is None and _task_of_this_threads_loop(shared.owner)):
             raise LockReentryError(self.lock_file)
         start = time.monotonic()
         wait = -1.0 if timeout < 0 else timeout
@@ -371,7 +384,7 @@ class FileLockAdapter:
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
                 label: str | None, owner: object = None) -> bool:
         me = threading.get_ident() if owner is None else owner
-        if self._owner == me:
+        if self._owner == me or (owner is None and _task_of_this_threads_loop(self._owner)):
             raise LockReentryError(self.lock_file)
         start = time.monotonic()
         try:

@@ -287,15 +287,38 @@ class Store:
         stale = lock.acquire(self, timeout=timeout, poll_interval=self.poll_interval, blocking=blocking,
                              label=label)
         try:
-            if stale or not self._swept:
-                removed = _atomic.sweep(self.path)
-                self._swept = True
-                if removed:
-                    log.info("lockstore: removed %d temp file(s) left by a killed writer of %s", len(removed),
-                             self.path)
+            self._sweep(stale)
             yield
         finally:
             lock.release()
+
+    # The steps below run while the lock is held; transaction() and the asyncio API (_aio.py, in a worker thread)
+    # share them so that the two can never drift apart.
+    def _sweep(self, stale: bool) -> None:
+        """Remove temp files left by a killed writer: once per Store, and whenever a stale holder record says so."""
+        if stale or not self._swept:
+            removed = _atomic.sweep(self.path)
+            self._swept = True
+            if removed:
+                log.info("lockstore: removed %d temp file(s) left by a killed writer of %s", len(removed), self.path)
+
+    def _finish(self, like: os.stat_result | None) -> None:
+        """Encode once; write only if the value changed (a missing file still holding ``default`` is unchanged)."""
+        data = self._encode()
+        if data != (self._disk if self._disk is not None else self._encoded_default()):
+            self._write(data, like)
+
+    def _savepoint(self) -> bytes | None:
+        try:
+            return self.format.encode(self.value)
+        except Exception:  # unencodable now: a rollback falls back to the value on disk
+            return None
+
+    def _rollback(self, savepoint: bytes | None) -> None:
+        if savepoint is None:
+            self._reset()
+        else:
+            self.value = self.format.decode(savepoint)
 
     @contextlib.contextmanager
     def transaction(
@@ -317,18 +340,12 @@ class Store:
         if self._in_transaction():
             # A nested transaction is a savepoint: if it raises, the value goes back to what it was at its start,
             # and the outer block decides (by catching or not) whether the rest is written.
-            try:
-                savepoint: bytes | None = self.format.encode(self.value)
-            except Exception:  # unencodable now: fall back to the value on disk
-                savepoint = None
+            savepoint = self._savepoint()
             local.depth += 1
             try:
                 yield self
             except BaseException:
-                if savepoint is None:
-                    self._reset()
-                else:
-                    self.value = self.format.decode(savepoint)
+                self._rollback(savepoint)
                 raise
             finally:
                 local.depth -= 1
@@ -343,10 +360,7 @@ class Store:
                 except BaseException:
                     self._reset()
                     raise
-                data = self._encode()
-                # A missing file reads as ``default``: a block that leaves the default as it was changed nothing.
-                if data != (self._disk if self._disk is not None else self._encoded_default()):
-                    self._write(data, like)
+                self._finish(like)
             finally:
                 local.depth = 0
 
