@@ -220,14 +220,24 @@ class SidecarLock:
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
                 label: str | None, owner: object = None) -> bool:
+        start = time.monotonic()
+        stale = self._acquire(token, start, timeout, poll_interval, blocking, label, owner)
+        if stale is None:
+            raise self._timeout(time.monotonic() - start)
+        return stale
+
+    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
+        return self._acquire(token, time.monotonic(), 0.0, FIRST_PAUSE, False, label, owner)
+
+    def _acquire(self, token: object, start: float, timeout: float, poll_interval: float, blocking: bool,
+                 label: str | None, owner: object) -> bool | None:
+        """Take the lock; None when it is busy (``blocking=False``) or the wait for this process's mutex timed out."""
         shared = self._shared
         me = threading.get_ident() if owner is None else owner
         if shared.owner == me or (owner is None and _task_of_this_threads_loop(shared.owner)):
             raise LockReentryError(self.lock_file)
-        start = time.monotonic()
-        wait = -1.0 if timeout < 0 else timeout
-        if not shared.mutex.acquire(blocking, wait if blocking else -1):
-            raise self._timeout(time.monotonic() - start)
+        if not shared.mutex.acquire(blocking, (-1.0 if timeout < 0 else timeout) if blocking else -1):
+            return None
         try:
             fd = shared.fd if shared.fd is not None else self._open(shared)
             if shared.waited and (pause := shared.released_at + HANDOFF_PAUSE - time.monotonic()) > 0:
@@ -235,30 +245,10 @@ class SidecarLock:
             shared.waited = False
             if not self._try(shared, fd):
                 if not blocking:
-                    raise self._timeout(time.monotonic() - start)
+                    shared.mutex.release()
+                    return None
                 shared.waited = True
                 self._wait(shared, fd, start, timeout, poll_interval)
-            stale = self._mark(shared, fd, label)
-        except BaseException:
-            self._unlock_quietly(shared)
-            shared.mutex.release()
-            raise
-        shared.owner = me
-        shared.token = token
-        return stale
-
-    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
-        shared = self._shared
-        me = threading.get_ident() if owner is None else owner
-        if shared.owner == me:
-            raise LockReentryError(self.lock_file)
-        if not shared.mutex.acquire(False):
-            return None
-        try:
-            fd = shared.fd if shared.fd is not None else self._open(shared)
-            if not self._try(shared, fd):
-                shared.mutex.release()
-                return None
             stale = self._mark(shared, fd, label)
         except BaseException:
             self._unlock_quietly(shared)
