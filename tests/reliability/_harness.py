@@ -25,7 +25,7 @@ SCORE: collections.Counter[str] = collections.Counter()
 #: Scorecard rows, in print order.
 ROWS = (
     "processes",
-    "transactions checked",
+    "transactions checked",  # printed as one row: processes x transactions checked
     "lock-free reads checked",
     "kills",
     "crash points enumerated",
@@ -127,6 +127,7 @@ def child_cmd(*args: str) -> list[str]:
 
 def run_child(*args: str, timeout: float = 60, eatmydata: bool = False, check: bool = True) -> str:
     """Run ``_child.py`` with ``args`` to completion; return its stdout (raise with its stderr on failure)."""
+    add("processes")
     proc = subprocess.run(child_cmd(*args), capture_output=True, text=True, timeout=timeout,
                           env=child_env(eatmydata=eatmydata), check=False)
     if check and proc.returncode != 0:
@@ -145,6 +146,7 @@ class Attached:
     """A ``_child.py`` process waiting for ``go``, with strace attached to it (so counting starts now)."""
 
     def __init__(self, child_args: Sequence[str], strace_args: Sequence[str], *, eatmydata: bool = False) -> None:
+        add("processes")
         self.child = subprocess.Popen(child_cmd(*child_args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=child_env(eatmydata=eatmydata))
         assert self.child.stdout is not None and self.child.stdin is not None

@@ -15,10 +15,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     tr.section("lockstore reliability scorecard")
     width = max(len(r) for r in ROWS)
     for row in ROWS:
-        tr.write_line(f"{row:<{width}}  {SCORE.get(row, 0):>8}")
+        if row == "processes":
+            continue
+        if row == "transactions checked":
+            pxt = f"{SCORE.get('processes', 0)} x {SCORE.get(row, 0)}"
+            tr.write_line(f"{'processes x transactions checked':<{width}}  {pxt:>12}")
+            continue
+        tr.write_line(f"{row:<{width}}  {SCORE.get(row, 0):>12}")
     extra = sorted(set(SCORE) - set(ROWS))
     for row in extra:
-        tr.write_line(f"{row:<{width}}  {SCORE[row]:>8}")
+        tr.write_line(f"{row:<{width}}  {SCORE[row]:>12}")
     if SCORE.get("violations", 0):
         tr.write_line("VIOLATIONS FOUND: see the failed tests above", red=True, bold=True)
 

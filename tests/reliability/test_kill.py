@@ -47,6 +47,7 @@ def kill_loop(directory: Path, kills: int, *, pad: int, inplace: bool = False, s
     swept = 0
     extra = ["--inplace"] if inplace else []
     for i in range(kills):
+        add("processes")
         proc = subprocess.Popen(child_cmd("loop", str(path), "--pad", str(pad), *extra), stdout=subprocess.PIPE,
                                 env=child_env())
         assert proc.stdout is not None

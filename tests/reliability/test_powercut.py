@@ -38,6 +38,8 @@ def power_cuts(tmp_path: Path, fs: str, cuts: int, *, seed: int, eatmydata: bool
         pytest.skip(str(result["skip"]))
     if not eatmydata:
         add(f"power cuts: {fs}", int(result["cuts"]))
+        add("processes", int(result["cuts"]))  # one forked writer per cut
+        add("transactions checked", int(result["cuts"]))  # one read-back check per cut
     return result
 
 
