@@ -272,16 +272,22 @@ def no_record_lock(path: str) -> Any:
 
 
 class Lockstore(Competitor):
-    def __init__(self, *, durable: bool, record: bool = True) -> None:
+    def __init__(self, *, durable: bool, record: bool = True, timeout: float | None = None) -> None:
         self.durable = durable
         self.record = record
+        self.timeout = timeout
         self.name = ("lockstore" if durable else "lockstore-nd") + ("" if record else "-norecord")
         self.label = "lockstore" + ("" if durable else " durable=False") + ("" if record else " (no holder record)")
+        if timeout is not None:
+            self.name += f"-timeout{timeout:g}"
+            self.label += f" timeout={timeout:g}"
 
     def open(self, path: str) -> tuple[Op, Callable[[], None]]:
         import lockstore
 
         store = lockstore.open(path, durable=self.durable)
+        if self.timeout is not None:
+            store.timeout = self.timeout
         if not self.record:
             store._lock = no_record_lock(path)
 
@@ -324,7 +330,11 @@ COUNTER: list[Competitor] = [
     Lockstore(durable=True),
     Lockstore(durable=False),
 ]
-EXTRA: list[Competitor] = [Lockstore(durable=True, record=False), Lockstore(durable=False, record=False)]
+EXTRA: list[Competitor] = [
+    Lockstore(durable=True, record=False),
+    Lockstore(durable=False, record=False),
+    Lockstore(durable=True, timeout=-1),
+]
 BY_NAME: dict[str, Competitor] = {c.name: c for c in COUNTER + EXTRA}
 
 
