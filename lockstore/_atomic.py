@@ -136,7 +136,10 @@ def sync_directory(directory: str, target: str) -> None:
         if exc.errno != errno.EINVAL:
             raise DurabilityUnknownError(target, exc) from exc
     finally:
-        os.close(dfd)
+        # The rename is done (and synced, unless DurabilityUnknownError is on its way): a failing close of the
+        # directory changes nothing on disk, so it must not turn a completed write into a plain OSError.
+        with contextlib.suppress(OSError):
+            os.close(dfd)
 
 
 def write(path: str, data: bytes, *, durable: bool, like: os.stat_result | None) -> int:
@@ -175,7 +178,8 @@ def sweep(path: str) -> list[str]:
         entries = os.scandir(directory or ".")
     except OSError:
         return removed
-    with entries:
+    # Best effort: a leftover temp file costs only space, so failing to sweep must not fail the caller's write.
+    with entries, contextlib.suppress(OSError):
         for entry in entries:
             name = entry.name
             token = name[len(head) : -len(_TEMP_SUFFIX)]

@@ -258,21 +258,32 @@ class SidecarLock:
         shared.token = token
         return stale
 
-    @staticmethod
-    def _try(shared: _Shared, fd: int) -> bool:
+    def _try(self, shared: _Shared, fd: int) -> bool:
         if shared.waiter is not None and shared.waiter.in_flight():
             return False
-        return lock_descriptor(fd, blocking=False)
+        try:
+            return lock_descriptor(fd, blocking=False)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.lock_file) from exc  # flock's errors name no path
 
     @staticmethod
     def _mark(shared: _Shared, fd: int, label: str | None) -> bool:
         """Write our holder record; return True when a killed holder's record was still there."""
         if not shared.writable:
             return True
-        stale = bool(os.pread(fd, 1, 0))
-        if stale:
-            os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder.record(label), 0)
+        try:
+            stale = bool(os.pread(fd, 1, 0))
+        except OSError:
+            return True
+        # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
+        # that follows reports the disk's state and names the data file; pwrite's errors name no path at all).
+        try:
+            if stale:
+                os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder.record(label), 0)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         return stale
 
     @staticmethod
@@ -311,20 +322,21 @@ class SidecarLock:
         shared.owner = None
         shared.token = None
         shared.released_at = time.monotonic()
+        # Release runs after the caller's write completed: an error here must not report that write as failed.
+        # A record left behind only costs the next holder a sweep; a failed unlock is finished by closing our only
+        # descriptor of the file, which releases the lock whatever went wrong.
         try:
             if fd is not None:
-                try:
-                    if shared.writable:
+                if shared.writable:
+                    with contextlib.suppress(OSError):
                         os.ftruncate(fd, 0)
-                finally:
+                try:
                     unlock_descriptor(fd)
-        except OSError:
-            # Closing our only descriptor of the file releases the lock whatever went wrong above.
-            shared.fd = None
-            shared.waiter = None  # it waits on the closed descriptor; the next wait starts a new one
-            if fd is not None:
-                os.close(fd)
-            raise
+                except OSError:
+                    shared.fd = None
+                    shared.waiter = None  # it waits on the closed descriptor; the next wait starts a new one
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         finally:
             shared.mutex.release()
 

@@ -132,7 +132,8 @@ class Store:
     def _forget(self) -> None:
         if self._ref_fd is not None:
             fd, self._ref_fd = self._ref_fd, None
-            os.close(fd)
+            with contextlib.suppress(OSError):  # it only pinned an inode number
+                os.close(fd)
         self._ref_sig = None
 
     def _remember(self, fd: int | None, st: os.stat_result | None, data: bytes | None) -> None:
@@ -141,7 +142,10 @@ class Store:
         self._ref_sig = None if st is None else _sig(st)
         self._disk = data
         if old is not None:
-            os.close(old)
+            # Runs after a successful write too: a failing close of the old reference must not report that write
+            # as failed (the descriptor only pinned an inode number).
+            with contextlib.suppress(OSError):
+                os.close(old)
 
     def _decode(self, data: bytes) -> Any:
         try:
@@ -247,6 +251,13 @@ class Store:
         fd = _atomic.write(self.path, data, durable=self.durable, like=like)
         try:
             st = os.fstat(fd)
+        except OSError:
+            # The new value is in place: without its stat the store just cannot recognise the file next time, so
+            # forget it (the next transaction re-reads) instead of reporting the completed write as failed.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._remember(None, None, None)
+            return
         except BaseException:
             os.close(fd)
             raise
