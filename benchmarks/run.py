@@ -197,10 +197,14 @@ class Bench:
         finals: dict[str, list[tuple[RunResult, int, int]]] = {x: [] for x in names}
         for r in range(cfg.fair_repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                for q in (1, p):
-                    one = self.run_one(name, q, n, 100)
-                    runs[name, q].append(one[0])
-                    finals[name].append(one)
+                # One process just before and just after the contended run: a burst of load from another job on
+                # this shared machine then skews one of them, and the faster of the two is the baseline.
+                before = self.run_one(name, 1, n, 100)
+                contended = self.run_one(name, p, n, 100)
+                after = self.run_one(name, 1, n, 100)
+                runs[name, 1].append(max(before[0], after[0], key=lambda x: x.throughput))
+                runs[name, p].append(contended[0])
+                finals[name] += [before, contended, after]
         sec = Section(f"Fairness (issue 3): {p} processes x {n} durable transactions against 1 process x {n}, "
                       f"{cfg.fair_repeats} repeats",
                       ["lock", "acquire p50", "p99", "max", "ideal (P x median txn)", "max / ideal",
@@ -243,10 +247,11 @@ class Bench:
 
     def reads(self) -> None:
         cfg = self.cfg
-        for size, n in ((100, cfg.read_n), (100_000, max(10, cfg.read_n // 20))):
-            s = _micro.reads(self.root, size, n, cfg.micro_repeats)
+        repeats = 2 * cfg.micro_repeats + 1
+        for size, n in ((100, cfg.read_n), (100_000, max(10, cfg.read_n // 10))):
+            s = _micro.reads(self.root, size, n, repeats)
             self.show(self._micro_section(f"Lock-free read, {size:,} B value, {n} reads per block, "
-                                          f"{cfg.micro_repeats} repeats", s, "json.load"))
+                                          f"{repeats} repeats", s, "json.load"))
             r = paired_ratio(s["lockstore.read"], s["json.load"])
             self.targets.append(Target(f"lock-free read ({size:,} B) vs json.load", "<= 1.1x", f"{r:.2f}x", r <= 1.1))
 
