@@ -21,7 +21,7 @@ def test_readme_has_examples() -> None:
 def test_readme_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     code = compile(BLOCKS[index], f"README.md example {index + 1}", "exec")
-    exec(code, {"__name__": f"readme_example_{index}"})  # noqa: S102 - the README's own examples
+    exec(code, {"__name__": f"readme_example_{index}"})  # the README's own examples
 
 
 def test_quickstart_demo_is_exact_and_shows_lost_updates() -> None:
