@@ -164,9 +164,13 @@ def plot(series: dict[str, tuple[list[int], list[float], bool]], out: str, title
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for label, (xs, ys, correct) in series.items():
-        ax.plot(xs, ys, marker="o", linestyle="-" if correct else "--", label=label + ("" if correct else " (LOSES)"))
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=100)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, (xs, ys, correct)) in enumerate(series.items()):
+        ours = label.startswith("lockstore")
+        ax.plot(xs, ys, marker="o", linestyle="-" if correct else "--", linewidth=3 if ours else 1.5,
+                color="black" if label.startswith("floor") and "no fsync" not in label else colors[(2 * i) % 20],
+                label=label + ("" if correct else " (LOSES UPDATES)"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sorted({x for xs, _, _ in series.values() for x in xs}))
@@ -175,7 +179,7 @@ def plot(series: dict[str, tuple[list[int], list[float], bool]], out: str, title
     ax.set_ylabel("increments per second (all processes, median)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
