@@ -79,7 +79,7 @@ class Lock(Protocol):
 class _Shared:
     """One lock file's state in this process."""
 
-    __slots__ = ("fd", "mutex", "owner", "released_at", "token", "waited", "waiter", "writable")
+    __slots__ = ("fd", "inode", "mutex", "owner", "released_at", "token", "waited", "waiter", "writable")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
@@ -87,6 +87,7 @@ class _Shared:
         self.waited = False  # whether the current (or last) acquisition had to wait
         self.released_at = 0.0
         self.fd: int | None = None
+        self.inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file fd refers to
         self.writable = True
         self.owner: object = None  # the holder in this process: a thread ident, or an asyncio task
         self.token: object = None  # the store holding it
@@ -215,8 +216,22 @@ class SidecarLock:
             # A lock file we may not write can still be locked; we just leave no holder record in it.
             fd = os.open(self.lock_file, os.O_RDONLY | _O_CLOEXEC)
             shared.writable = False
-        shared.fd = fd
+        st = os.fstat(fd)
+        shared.fd, shared.inode = fd, (st.st_dev, st.st_ino)
         return fd
+
+    def _still_the_lock_file(self, shared: _Shared) -> bool:
+        """Whether the descriptor we locked is still the file at ``lock_file``.
+
+        The descriptor is kept open for speed; if someone deleted or replaced the lock file (which must never be
+        done, but operators do it), our flock would sit on an orphaned inode that new processes never see. One
+        stat per acquisition notices it, and the caller then locks the new file instead.
+        """
+        try:
+            st = os.stat(self.lock_file)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == shared.inode
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
                 label: str | None, owner: object = None) -> bool:
@@ -239,16 +254,22 @@ class SidecarLock:
         if not shared.mutex.acquire(blocking, (-1.0 if timeout < 0 else timeout) if blocking else -1):
             return None
         try:
-            fd = shared.fd if shared.fd is not None else self._open(shared)
             if shared.waited and (pause := shared.released_at + HANDOFF_PAUSE - time.monotonic()) > 0:
                 time.sleep(pause)
             shared.waited = False
-            if not self._try(shared, fd):
-                if not blocking:
-                    shared.mutex.release()
-                    return None
-                shared.waited = True
-                self._wait(shared, fd, start, timeout, poll_interval)
+            while True:
+                fd = shared.fd if shared.fd is not None else self._open(shared)
+                if not self._try(shared, fd):
+                    if not blocking:
+                        shared.mutex.release()
+                        return None
+                    shared.waited = True
+                    self._wait(shared, fd, start, timeout, poll_interval)
+                if self._still_the_lock_file(shared):
+                    break
+                # We hold the lock of a deleted or replaced lock file: let go of it and lock the current one.
+                shared.fd, shared.waiter = None, None
+                os.close(fd)
             stale = self._mark(shared, fd, label)
         except BaseException:
             self._unlock_quietly(shared)

@@ -154,3 +154,27 @@ def test_filelock_adapter_reentry_and_release(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), a.transaction():
         raise RuntimeError
     assert not soft.is_locked
+
+
+def test_deleted_lock_file_is_noticed_and_the_current_one_is_locked(tmp_path: Path) -> None:
+    import fcntl
+
+    path = str(tmp_path / "d.json")
+    store = lockstore.open(path, default=0, durable=False)
+    with store.transaction():
+        pass  # the store's process now keeps a descriptor of the lock file open
+    old = os.open(path + ".lock", os.O_RDONLY)
+    try:
+        os.unlink(path + ".lock")  # what an operator must never do
+        with holding(path):  # another process locks the new lock file at that path
+            # Negative control: the orphaned inode is not locked by the holder, so a descriptor kept on it would
+            # let this process in beside the holder.
+            fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(old, fcntl.LOCK_UN)
+            with pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.2):
+                pass
+    finally:
+        os.close(old)
+    with store.transaction() as s:
+        s.value += 1
+    assert lockstore.read(path) == 2
