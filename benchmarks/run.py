@@ -200,11 +200,11 @@ class Bench:
                 # One process just before and just after the contended run: a burst of load from another job on
                 # this shared machine then skews one of them, and the faster of the two is the baseline.
                 before = self.run_one(name, 1, n, 100)
-                contended = self.run_one(name, p, n, 100)
+                busy = self.run_one(name, p, n, 100)
                 after = self.run_one(name, 1, n, 100)
                 runs[name, 1].append(max(before[0], after[0], key=lambda x: x.throughput))
-                runs[name, p].append(contended[0])
-                finals[name] += [before, contended, after]
+                runs[name, p].append(busy[0])
+                finals[name] += [before, busy, after]
         sec = Section(f"Fairness (issue 3): {p} processes x {n} durable transactions against 1 process x {n}, "
                       f"{cfg.fair_repeats} repeats",
                       ["lock", "acquire p50", "p99", "max", "ideal (P x median txn)", "max / ideal",
