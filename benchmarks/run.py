@@ -291,6 +291,9 @@ class Bench:
             sec.rows.append([f"{durable}, record", fmt_time(median(on)), f"±{spread(on) / 2:.0f}%",
                              f"{100 * (paired_ratio(on, off) - 1):+.1f}% ({fmt_time(median(on) - median(off))})"])
             sec.rows.append([f"{durable}, no record", fmt_time(median(off)), f"±{spread(off) / 2:.0f}%", ""])
+        sec.notes.append("whole transactions differ by less than their spread on a shared machine: the direct "
+                         "measurement above is the figure to quote; the percentage is a median of paired ratios, the "
+                         "time a difference of medians, so the two can disagree.")
         self.show(sec)
         cycle = median(direct["record() + pread + pwrite + ftruncate"])
         self.targets.append(Target("holder record cost per transaction (record + pread + pwrite + ftruncate)",
