@@ -79,7 +79,7 @@ class Lock(Protocol):
 class _Shared:
     """One lock file's state in this process."""
 
-    __slots__ = ("fd", "inode", "mutex", "owner", "released_at", "token", "waited", "waiter", "writable")
+    __slots__ = ("fd", "inode", "mutex", "owner", "record_len", "released_at", "token", "waited", "waiter", "writable")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
@@ -89,6 +89,7 @@ class _Shared:
         self.fd: int | None = None
         self.inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file fd refers to
         self.writable = True
+        self.record_len = 0  # bytes of our record in the lock file, blanked at release
         self.owner: object = None  # the holder in this process: a thread ident, or an asyncio task
         self.token: object = None  # the store holding it
 
@@ -293,7 +294,7 @@ class SidecarLock:
         if not shared.writable:
             return True
         try:
-            stale = bool(os.pread(fd, 1, 0))
+            stale = os.pread(fd, 1, 0) not in (b"", b" ")  # blanks: a record cleared at release
         except OSError:
             return True
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
@@ -301,7 +302,9 @@ class SidecarLock:
         try:
             if stale:
                 os.ftruncate(fd, 0)
-            os.pwrite(fd, _holder.record(label), 0)
+            record = _holder.record(label)
+            os.pwrite(fd, record, 0)
+            shared.record_len = len(record)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -314,6 +317,16 @@ class SidecarLock:
                 unlock_descriptor(shared.fd)
 
     def _wait(self, shared: _Shared, fd: int, start: float, timeout: float, poll_interval: float) -> None:
+        if _LOCK_EX is not None and timeout < 0 and (shared.waiter is None or not shared.waiter.in_flight()):
+            # Nothing to time out: wait in the kernel's queue in this thread. Through the waiter thread, every
+            # contended acquisition costs a thread wake-up while the lock is already ours (measured p50 27 us, p99
+            # 220 us on 2 busy cores) and ~4 context switches. A waiter still in flight for a withdrawn request is
+            # left to finish (a second flock on the same descriptor would succeed at once).
+            try:
+                _flock_blocking(fd, _LOCK_EX)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
+            return
         if _LOCK_EX is not None:
             if shared.waiter is None:
                 shared.waiter = _Waiter(fd)
@@ -349,8 +362,10 @@ class SidecarLock:
         try:
             if fd is not None:
                 if shared.writable:
+                    # Blank the record in place rather than truncate: a truncate frees the file's block and the next
+                    # record allocates it again, every transaction (~7 us on ext4); all blanks read as no holder.
                     with contextlib.suppress(OSError):
-                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, b" " * shared.record_len, 0)
                 try:
                     unlock_descriptor(fd)
                 except OSError:
