@@ -156,16 +156,18 @@ def holder_record(root: str, n: int, repeats: int) -> tuple[Samples, Samples]:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
 
     def record_cycle() -> None:
+        # What SidecarLock does per transaction: check for a stale record, write ours, blank it at release.
         os.pread(fd, 1, 0)
-        os.pwrite(fd, _holder.record(None), 0)
-        os.ftruncate(fd, 0)
+        record = _holder.record(None)
+        os.pwrite(fd, record, 0)
+        os.pwrite(fd, b" " * len(record), 0)
 
     def record_only() -> None:
         _holder.record(None)
 
     direct = interleave(
         {
-            "record() + pread + pwrite + ftruncate": block(record_cycle, n),
+            "record() + pread + 2 pwrite": block(record_cycle, n),
             "record() alone": block(record_only, n),
         },
         repeats,

@@ -24,8 +24,9 @@ _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 #: Seconds a transaction waits for the lock by default. Finite so that a stuck holder turns into a
 #: ``LockTimeout`` that names it instead of a silent hang; a cron job that should queue can pass ``timeout=-1``.
 DEFAULT_TIMEOUT: Final = 30.0
-#: Longest pause between two attempts on a contended lock. Waiting starts with much shorter pauses (see
-#: ``_lock.FIRST_PAUSE``) so that a hand-over is prompt; the cap bounds the CPU a long wait spends polling.
+#: Longest pause between two attempts on a contended lock, where waiting has to poll: a filelock lock instance
+#: passed as ``lock=``, or an OS without a blocking ``flock``. The native sidecar lock waits in the kernel's queue
+#: instead (prompt and fair, see ``_lock._Waiter``).
 DEFAULT_POLL_INTERVAL: Final = 0.05
 
 OnCorrupt = Literal["raise", "backup"]
