@@ -68,6 +68,7 @@ class Bench:
         self.sections: list[Section] = []
         self.targets: list[Target] = []
         self.plot_path: str | None = None
+        self.outdir = os.path.join(HERE, "results")
 
     def show(self, section: Section) -> None:
         self.sections.append(section)
@@ -164,8 +165,8 @@ class Bench:
         series: dict[str, tuple[list[int], list[float], bool]] = {}
         for comp in COUNTER:
             series[comp.label] = (list(cfg.processes), [median(tp[comp.name, p]) for p in cfg.processes], comp.locks)
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        self.plot_path = plot(series, os.path.join(HERE, "results", "throughput.png"),
+        os.makedirs(self.outdir, exist_ok=True)
+        self.plot_path = plot(series, os.path.join(self.outdir, "throughput.png"),
                               f"Shared counter, 100 B value: throughput vs processes ({datetime.now(UTC):%Y-%m-%d})")
 
     def sizes(self) -> None:
@@ -324,7 +325,7 @@ class Bench:
 
 
 def write_markdown(bench: Bench, info: list[tuple[str, str]], started: datetime, seconds: float, quick: bool) -> str:
-    out = os.path.join(HERE, "results", "latest.md")
+    out = os.path.join(bench.outdir, "latest.md")
     lines = [f"# lockstore benchmarks: {started:%Y-%m-%d %H:%M} UTC" + (" (--quick smoke run)" if quick else ""),
              "", "Command: `tox -e bench`" + (" -- --quick" if quick else "") + f"; wall time {seconds:.0f} s.", ""]
     lines += ["| machine | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in info] + [""]
@@ -360,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in info:
         print(f"  {k}: {v}")
     bench = Bench(cfg, root)
+    # Only a full run replaces the committed results; --quick and --only runs write beside them, in results/partial.
+    if args.quick or args.only:
+        bench.outdir = os.path.join(HERE, "results", "partial")
     try:
         cases = args.only or list(CASES)
         if {"counter", "size", "fairness"} & set(cases):
