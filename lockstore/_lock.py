@@ -29,6 +29,8 @@ from filelock import BaseFileLock, Timeout, lock_descriptor, unlock_descriptor
 from . import _holder
 from ._atomic import resolve_target
 from ._error import LockReentryError, LockTimeout
+from ._waiter import AVAILABLE as _CAN_BLOCK
+from ._waiter import Waiter, lock_blocking
 
 if TYPE_CHECKING:
     from ._holder import Holder
@@ -41,13 +43,6 @@ FIRST_PAUSE: Final = 0.0002
 #: the waiter the kernel just woke takes the lock instead of the releaser barging back in (fairness, issue 3).
 HANDOFF_PAUSE: Final = 0.0001
 
-try:
-    import fcntl
-
-    _flock_blocking = fcntl.flock
-    _LOCK_EX: int | None = fcntl.LOCK_EX
-except ImportError:  # pragma: no cover - Windows: filelock's polling only
-    _LOCK_EX = None
 
 
 class Lock(Protocol):
@@ -79,11 +74,13 @@ class Lock(Protocol):
 class _Shared:
     """One lock file's state in this process."""
 
-    __slots__ = ("fd", "inode", "mutex", "owner", "record_len", "released_at", "token", "waited", "waiter", "writable")
+    __slots__ = ("fd", "held", "inode", "mutex", "owner", "record_len", "released_at", "token", "waited", "waiter",
+                 "writable")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
-        self.waiter: _Waiter | None = None
+        self.waiter: Waiter | None = None
+        self.held: int | None = None  # the descriptor holding the flock now: fd, or the waiter's
         self.waited = False  # whether the current (or last) acquisition had to wait
         self.released_at = 0.0
         self.fd: int | None = None
@@ -102,82 +99,16 @@ def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()
     for shared in _REGISTRY.values():
-        if shared.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(shared.fd)
+        # The waiter's thread did not survive the fork; the descriptors are this child's copies of the parent's.
+        for fd in (shared.fd, shared.waiter.fd if shared.waiter is not None else None):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         shared.__init__()  # type: ignore[misc]
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Waiter:
-    """A daemon thread per process and lock file that waits in a blocking ``flock`` on the caller's behalf.
-
-    filelock waits by polling a non-blocking flock every ``poll_interval``: a hand-over can lag a whole interval,
-    and a waiter that polls loses to a releaser that re-acquires at once, so under contention one process can
-    starve (measured: the longest wait of 8 processes was 270x the ideal). A blocking flock sits in the kernel's
-    queue and is woken at the release, but it cannot time out; so the caller waits on a condition with its
-    timeout while this thread sits in the kernel. A caller that gives up withdraws its request; if the flock is
-    granted later, the thread unlocks it again. One thread serves every wait of the process on this lock file.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.cond = threading.Condition(threading.Lock())
-        self.requested = False
-        self.granted = False
-        self.busy = False  # in flock, perhaps for a request already withdrawn
-        self.error: OSError | None = None
-        threading.Thread(target=self._run, name=f"lockstore-waiter-{fd}", daemon=True).start()
-
-    def _run(self) -> None:
-        cond = self.cond
-        while True:
-            with cond:
-                while not self.requested:
-                    cond.wait()
-                self.busy = True
-            try:
-                _flock_blocking(self.fd, _LOCK_EX)  # type: ignore[arg-type]
-            except OSError as exc:
-                with cond:
-                    self.error = exc
-                    self.busy = False
-                    cond.notify_all()
-                return
-            with cond:
-                self.busy = False
-                if self.requested:
-                    self.requested = False
-                    self.granted = True
-                    cond.notify_all()
-                    continue
-            unlock_descriptor(self.fd)  # the caller timed out meanwhile
-
-    def in_flight(self) -> bool:
-        """Whether the thread sits in flock: then only it may take the lock (a second flock on the same
-        descriptor would succeed, and the thread would then release a lock that its caller believes it holds)."""
-        with self.cond:
-            return self.busy
-
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds (negative: forever) for the flock; True when this process now holds it."""
-        with self.cond:
-            if self.error is not None:
-                raise self.error
-            self.requested = True
-            self.granted = False
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: self.granted or self.error is not None, None if timeout < 0 else timeout)
-            if self.granted:
-                self.granted = False
-                return True
-            self.requested = False
-            if self.error is not None:
-                raise self.error
-            return False
 
 
 def _task_of_this_threads_loop(owner: object) -> bool:
@@ -232,7 +163,9 @@ class SidecarLock:
             st = os.stat(self.lock_file)
         except FileNotFoundError:
             return False
-        return (st.st_dev, st.st_ino) == shared.inode
+        now = (st.st_dev, st.st_ino)
+        return now == shared.inode and (shared.waiter is None or shared.held != shared.waiter.fd
+                                        or now == shared.waiter.inode)
 
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
                 label: str | None, owner: object = None) -> bool:
@@ -254,35 +187,52 @@ class SidecarLock:
             raise LockReentryError(self.lock_file)
         if not shared.mutex.acquire(blocking, (-1.0 if timeout < 0 else timeout) if blocking else -1):
             return None
+        held: int | None = None
         try:
             if shared.waited and (pause := shared.released_at + HANDOFF_PAUSE - time.monotonic()) > 0:
                 time.sleep(pause)
             shared.waited = False
             while True:
                 fd = shared.fd if shared.fd is not None else self._open(shared)
-                if not self._try(shared, fd):
-                    if not blocking:
-                        shared.mutex.release()
-                        return None
+                if self._try(fd):
+                    held = fd
+                elif not blocking:
+                    shared.mutex.release()
+                    return None
+                else:
                     shared.waited = True
-                    self._wait(shared, fd, start, timeout, poll_interval)
+                    held = self._wait(shared, fd, start, timeout, poll_interval)
+                shared.held = held
                 if self._still_the_lock_file(shared):
                     break
                 # We hold the lock of a deleted or replaced lock file: let go of it and lock the current one.
-                shared.fd, shared.waiter = None, None
-                os.close(fd)
+                unlock_descriptor(held)
+                held = shared.held = None
+                self._drop(shared)
             stale = self._mark(shared, fd, label)
         except BaseException:
-            self._unlock_quietly(shared)
+            if held is not None:  # only what this call locked: never a lock some other party holds
+                with contextlib.suppress(OSError):
+                    unlock_descriptor(held)
+            shared.held = None
             shared.mutex.release()
             raise
         shared.owner = me
         shared.token = token
         return stale
 
-    def _try(self, shared: _Shared, fd: int) -> bool:
-        if shared.waiter is not None and shared.waiter.in_flight():
-            return False
+    @staticmethod
+    def _drop(shared: _Shared) -> None:
+        """Forget our descriptors (after the lock file was replaced, or an unlock failed): the next use reopens."""
+        if shared.waiter is not None:
+            shared.waiter.close()
+            shared.waiter = None
+        if shared.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(shared.fd)
+            shared.fd = None
+
+    def _try(self, fd: int) -> bool:
         try:
             return lock_descriptor(fd, blocking=False)
         except OSError as exc:
@@ -310,35 +260,30 @@ class SidecarLock:
                 os.ftruncate(fd, 0)
         return stale
 
-    @staticmethod
-    def _unlock_quietly(shared: _Shared) -> None:
-        if shared.fd is not None:
-            with contextlib.suppress(OSError):
-                unlock_descriptor(shared.fd)
-
-    def _wait(self, shared: _Shared, fd: int, start: float, timeout: float, poll_interval: float) -> None:
-        if _LOCK_EX is not None and timeout < 0 and (shared.waiter is None or not shared.waiter.in_flight()):
+    def _wait(self, shared: _Shared, fd: int, start: float, timeout: float, poll_interval: float) -> int:
+        """Wait for the lock; return the descriptor that holds it (``fd``, or the waiter thread's)."""
+        if _CAN_BLOCK and timeout < 0:
             # Nothing to time out: wait in the kernel's queue in this thread. Through the waiter thread, every
             # contended acquisition costs a thread wake-up while the lock is already ours (measured p50 27 us, p99
-            # 220 us on 2 busy cores) and ~4 context switches. A waiter still in flight for a withdrawn request is
-            # left to finish (a second flock on the same descriptor would succeed at once).
+            # 220 us on 2 busy cores) and ~4 context switches.
             try:
-                _flock_blocking(fd, _LOCK_EX)
+                lock_blocking(fd)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
-            return
-        if _LOCK_EX is not None:
+            return fd
+        if _CAN_BLOCK:
             if shared.waiter is None:
-                shared.waiter = _Waiter(fd)
+                shared.waiter = Waiter(self.lock_file)
             remaining = -1.0 if timeout < 0 else max(0.0, start + timeout - time.monotonic())
             try:
                 got = shared.waiter.wait(remaining)
             except OSError as exc:
+                shared.waiter.close()
                 shared.waiter = None  # its thread has ended; the next wait starts a new one
                 raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
             if not got:
                 raise self._timeout(time.monotonic() - start)
-            return
+            return shared.waiter.fd
         pause = FIRST_PAUSE
         while True:
             now = time.monotonic()
@@ -347,7 +292,7 @@ class SidecarLock:
             sleep = pause if timeout < 0 else min(pause, max(0.0, start + timeout - now))
             time.sleep(sleep)
             if lock_descriptor(fd, blocking=False):
-                return
+                return fd
             pause = min(pause * 2, poll_interval)
 
     def release(self) -> None:
@@ -359,20 +304,18 @@ class SidecarLock:
         # Release runs after the caller's write completed: an error here must not report that write as failed.
         # A record left behind only costs the next holder a sweep; a failed unlock is finished by closing our only
         # descriptor of the file, which releases the lock whatever went wrong.
+        held, shared.held = shared.held, None
         try:
-            if fd is not None:
-                if shared.writable:
-                    # Blank the record in place rather than truncate: a truncate frees the file's block and the next
-                    # record allocates it again, every transaction (~7 us on ext4); all blanks read as no holder.
-                    with contextlib.suppress(OSError):
-                        os.pwrite(fd, b" " * shared.record_len, 0)
+            if fd is not None and shared.writable:
+                # Blank the record in place rather than truncate: a truncate frees the file's block and the next
+                # record allocates it again, every transaction (~7 us on ext4); all blanks read as no holder.
+                with contextlib.suppress(OSError):
+                    os.pwrite(fd, b" " * shared.record_len, 0)
+            if held is not None:
                 try:
-                    unlock_descriptor(fd)
+                    unlock_descriptor(held)
                 except OSError:
-                    shared.fd = None
-                    shared.waiter = None  # it waits on the closed descriptor; the next wait starts a new one
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                    self._drop(shared)  # closing our descriptors releases the lock whatever went wrong
         finally:
             shared.mutex.release()
 

@@ -52,6 +52,40 @@ def racy_increment(path: str, barrier: Barrier) -> None:
     store.commit()
 
 
+def impatient_and_patient(path: str, seconds: float, start: Event, result: Any) -> None:
+    """Two threads on one Store: one gives up after 0.5 ms again and again (its waits are withdrawn while the waiter
+    thread may just be getting the lock), one waits forever. Puts the number of acknowledged increments."""
+    import threading
+    import time
+
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    done = [0, 0]
+    start.wait()
+    end = time.monotonic() + seconds
+
+    def impatient() -> None:
+        while time.monotonic() < end:
+            try:
+                with store.transaction(timeout=0.0005) as s:
+                    s.value["n"] += 1
+                done[0] += 1
+            except lockstore.LockTimeout:
+                pass
+
+    def patient() -> None:
+        while time.monotonic() < end:
+            with store.transaction(timeout=-1) as s:
+                s.value["n"] += 1
+            done[1] += 1
+
+    threads = [threading.Thread(target=impatient), threading.Thread(target=patient)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.put(sum(done))
+
+
 def hold_with_event(path: str, held: Event, release: Event) -> None:
     """Hold a transaction on ``path`` until ``release`` is set."""
     store = lockstore.open(path, default=0, durable=False)

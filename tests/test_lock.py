@@ -178,3 +178,25 @@ def test_deleted_lock_file_is_noticed_and_the_current_one_is_locked(tmp_path: Pa
     with store.transaction() as s:
         s.value += 1
     assert lockstore.read(path) == 2
+
+
+def test_withdrawn_waits_never_hand_out_a_lock_nobody_holds(tmp_path: Path) -> None:
+    # Regression: a caller that timed out used to unlock the shared descriptor just after the waiter thread had
+    # taken the flock on it, and the next caller was then "granted" a lock no one held (21 of 63,088 lost).
+    import multiprocessing as mp
+
+    from _children import impatient_and_patient
+
+    path = str(tmp_path / "d.json")
+    ctx = mp.get_context("spawn")
+    start, result = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=impatient_and_patient, args=(path, 4.0, start, result)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    acknowledged = result.get(timeout=DEADLINE) + result.get(timeout=DEADLINE)
+    for p in procs:
+        p.join(DEADLINE)
+        assert p.exitcode == 0
+    assert acknowledged > 100
+    assert lockstore.read(path)["n"] == acknowledged
