@@ -103,7 +103,7 @@ async def _atransaction(
             await _in_thread(store._rollback, savepoint)
             raise
         return
-    if store._filelock is not None and store._filelock.is_locked:
+    if lock.held_by_filelock_here():  # a thread-held FileLock cannot be joined from a task
         raise LockReentryError(lock.lock_file)
     wait = store.timeout if timeout is None else float(timeout)
     turn = _turn(lock.lock_file)

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Final, Protocol
 
 from filelock import BaseFileLock, Timeout, lock_descriptor, unlock_descriptor
@@ -70,17 +71,22 @@ class Lock(Protocol):
     def held_here(self, token: object, owner: object = None) -> bool:
         """Whether ``owner`` (default: this thread) holds the lock through ``token``."""
 
+    def held_by_filelock_here(self) -> bool:
+        """Whether this thread holds the lock through a ``store.lock`` FileLock of any Store on this lock file."""
+
 
 class _Shared:
     """One lock file's state in this process."""
 
-    __slots__ = ("fd", "held", "inode", "mutex", "owner", "record_len", "released_at", "token", "waited", "waiter",
-                 "writable")
+    __slots__ = ("external", "fd", "held", "inode", "mutex", "owner", "record_len", "released_at", "token", "waited",
+                 "waiter", "writable")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
         self.waiter: Waiter | None = None
         self.held: int | None = None  # the descriptor holding the flock now: fd, or the waiter's
+        # FileLocks handed out as ``store.lock`` on this file (thread-local: is_locked answers for this thread).
+        self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
         self.waited = False  # whether the current (or last) acquisition had to wait
         self.released_at = 0.0
         self.fd: int | None = None
@@ -139,6 +145,17 @@ class SidecarLock:
     def held_here(self, token: object, owner: object = None) -> bool:
         shared = self._shared
         return shared.owner == (threading.get_ident() if owner is None else owner) and shared.token is token
+
+    def filelock(self, timeout: float) -> BaseFileLock:
+        """A ``filelock.FileLock`` on this lock file (``store.lock``), known to this process's transactions."""
+        from filelock import FileLock
+
+        lock = FileLock(self.lock_file, preserve_lock_file=True, timeout=timeout)
+        self._shared.external.add(lock)
+        return lock
+
+    def held_by_filelock_here(self) -> bool:
+        return any(lock.is_locked for lock in self._shared.external)
 
     def _open(self, shared: _Shared) -> int:
         try:
@@ -355,6 +372,9 @@ class FileLockAdapter:
 
     def held_here(self, token: object, owner: object = None) -> bool:
         return self._owner == (threading.get_ident() if owner is None else owner) and self._token is token
+
+    def held_by_filelock_here(self) -> bool:
+        return False  # the caller's own lock instance is used directly, and filelock checks its reentrancy
 
     def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
         try:

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Final, Literal
 
 from . import _atomic, _lock
-from ._error import CorruptStoreError, LockReentryError, SerializationError, TransactionLockError
+from ._error import CorruptStoreError, SerializationError, TransactionLockError
 from ._formats import Format, resolve
 from ._holder import Holder
 
@@ -95,16 +95,16 @@ class Store:
 
         For the native sidecar this is a ``filelock.FileLock`` on the same file, made on first access, for code that
         must hold the lock around something else; transactions themselves use a faster path on the same lock file.
-        Holding it and then opening a transaction in the same thread raises :class:`LockReentryError`.
+        While a thread holds it, that thread's transactions and commits (of any Store on the file) run inside it
+        without taking the lock again.
         """
         if self._lock is None:
             return None
         if self._user_lock is not None:
             return self._user_lock
         if self._filelock is None:
-            from filelock import FileLock
-
-            self._filelock = FileLock(self._lock.lock_file, preserve_lock_file=True, timeout=self.timeout)
+            assert isinstance(self._lock, _lock.SidecarLock)
+            self._filelock = self._lock.filelock(self.timeout)
         return self._filelock
 
     @property
@@ -198,13 +198,14 @@ class Store:
             return self._read_file(backup=True)
 
     def _back_up(self) -> None:
+        target = _atomic.resolve_target(self.path)  # through a symlink: move the file, and the link stays a link
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = f"{self.path}.corrupt-{stamp}"
+        aside = f"{target}.corrupt-{stamp}"
         n = 0
         while os.path.lexists(aside):
             n += 1
-            aside = f"{self.path}.corrupt-{stamp}-{n}"
-        os.rename(self.path, aside)
+            aside = f"{target}.corrupt-{stamp}-{n}"
+        os.rename(target, aside)
         log.warning("lockstore: %s could not be decoded; moved it aside to %s and started from the default",
                     self.path, aside)
 
@@ -294,8 +295,11 @@ class Store:
     def _locked(self, timeout: float, *, blocking: bool, label: str | None) -> Iterator[None]:
         lock = self._lock
         assert lock is not None
-        if self._filelock is not None and self._filelock.is_locked:
-            raise LockReentryError(lock.lock_file)
+        if lock.held_by_filelock_here():
+            # This thread already holds the OS lock through ``store.lock``: work inside it.
+            self._sweep(False)
+            yield
+            return
         stale = lock.acquire(self, timeout=timeout, poll_interval=self.poll_interval, blocking=blocking,
                              label=label)
         try:
@@ -330,7 +334,19 @@ class Store:
         if savepoint is None:
             self._reset()
         else:
-            self.value = self.format.decode(savepoint)
+            self._restore(self.format.decode(savepoint))
+
+    def _restore(self, value: Any) -> None:
+        """Make ``value`` the store's value, in place for a dict or list, so that references the caller took to
+        ``store.value`` before a failed nested transaction still reach the value that will be written."""
+        current = self.value
+        if type(current) is dict and type(value) is dict:
+            current.clear()
+            current.update(value)
+        elif type(current) is list and type(value) is list:
+            current[:] = value
+        else:
+            self.value = value
 
     @contextlib.contextmanager
     def transaction(
@@ -391,7 +407,7 @@ class Store:
             return None
 
     def _reset(self) -> None:
-        self.value = copy.deepcopy(self.default) if self._disk is None else self._decode(self._disk)
+        self._restore(copy.deepcopy(self.default) if self._disk is None else self._decode(self._disk))
 
     # ----------------------------------------------------------------- atomic_store's context manager
     def __enter__(self) -> Store:

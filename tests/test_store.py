@@ -12,7 +12,7 @@ from typing import Any
 
 import filelock
 import pytest
-from _children import holding
+from _children import holding, run
 
 import lockstore
 
@@ -402,12 +402,23 @@ def test_path_lock_lockfile_repr(tmp_path: Path) -> None:
     assert "no lock" in repr(lockstore.open(p, lock=False))
 
 
-def test_filelock_property_held_then_transaction_raises_reentry(tmp_path: Path) -> None:
-    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
-    with store.lock, pytest.raises(lockstore.LockReentryError), store.transaction(timeout=-1):
-        pass
-    with store.transaction() as s:  # usable afterwards
-        s.value = 1
+def test_transactions_and_commits_run_inside_a_held_store_lock(tmp_path: Path) -> None:
+    p = str(tmp_path / "d.json")
+    a = lockstore.open(p, default=0, durable=False)
+    b = lockstore.open(p, default=0, durable=False)
+    with a.lock:  # e.g. to hold the lock around something else
+        with a.transaction(timeout=-1) as s:  # joins: no wait for itself
+            s.value += 1
+        with b.transaction(timeout=-1) as s:  # a second Store on the file too
+            s.value += 1
+        a.value = 5
+        a.commit()
+        assert run("try", p, "0.1")["type"] == "LockTimeout"  # another process is kept out meanwhile
+    with b.transaction() as s:  # usable afterwards
+        s.value += 1
+    assert lockstore.read(p) == 6
+
+
 
 
 def test_lock_file_never_deleted(tmp_path: Path) -> None:
@@ -550,3 +561,30 @@ def test_default_timeout_is_finite() -> None:
     store = lockstore.open("/nonexistent/d.json", lock=False)
     assert store.timeout == lockstore.DEFAULT_TIMEOUT
     assert store.durable is True
+
+
+def test_references_taken_before_a_failed_savepoint_still_reach_the_value(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default={}, durable=False)
+    with store.transaction() as s:
+        d = s.value
+        d["a"] = 1
+        with pytest.raises(KeyError), store.transaction() as inner:
+            inner.value["b"] = 2
+            raise KeyError
+        d["c"] = 3  # the outer block keeps using its reference
+    assert lockstore.read(p) == {"a": 1, "c": 3}
+
+
+def test_backup_through_a_symlink_moves_the_target_and_keeps_the_link(tmp_path: Path) -> None:
+    target = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    target.write_text("{not json")
+    link.symlink_to(target)
+    store = lockstore.open(link, default={"n": 0}, on_corrupt="backup", durable=False)
+    assert store.value == {"n": 0}
+    with store.transaction() as s:
+        s.value["n"] = 5
+    assert link.is_symlink()
+    assert lockstore.read(target) == {"n": 5}
+    assert [q.name for q in tmp_path.glob("real.json.corrupt-*")]
