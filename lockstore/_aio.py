@@ -171,8 +171,10 @@ async def _acquire(store: Store, lock: Lock, task: object, turn: _Turn, timeout:
         raise
 
 
-async def _wait_in_thread(store: Store, lock: Lock, task: object, seconds: float, label: str | None) -> bool | None:
-    """``lock.acquire`` for at most ``seconds`` in a dedicated thread (not the default executor, which the lock
+async def _wait_in_thread(
+    store: Store, lock: SidecarLock, task: object, seconds: float, label: str | None
+) -> bool | None:
+    """``lock.acquire_within`` for at most ``seconds`` in a dedicated thread (not the default executor, which the lock
     holders need for their file I/O); None on timeout. A cancelled caller still waits for the thread, and releases
     the lock if the thread got it, before the cancellation propagates."""
     loop = asyncio.get_running_loop()
@@ -190,10 +192,8 @@ async def _wait_in_thread(store: Store, lock: Lock, task: object, seconds: float
         result: bool | None = None
         error: BaseException | None = None
         try:
-            result = lock.acquire(store, timeout=seconds, poll_interval=store.poll_interval, blocking=True,
-                                  label=label, owner=task)
-        except LockTimeout:
-            result = None
+            result = lock.acquire_within(store, timeout=seconds, poll_interval=store.poll_interval, blocking=True,
+                                         label=label, owner=task)
         except BaseException as exc:  # handed to the waiting task
             error = exc
         try:

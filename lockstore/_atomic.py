@@ -59,7 +59,10 @@ def with_path(exc: OSError, path: str) -> OSError:
     (a temp file that no longer exists means nothing to the caller) or nothing."""
     if exc.filename == path:
         return exc
-    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), path)
+    reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    if exc.filename is not None:
+        reason += f" (on the temp file {os.path.basename(os.fsdecode(exc.filename))})"
+    return OSError(exc.errno, reason, path)
 
 
 class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no types
@@ -156,11 +159,11 @@ def write(path: str, data: bytes, *, durable: bool, like: os.stat_result | None)
             view = memoryview(data)
             while view:
                 view = view[os.write(f.fileno(), view) :]
-    except DurabilityUnknownError:
-        if writer.fd is not None:
+    except BaseException as exc:
+        if writer.renamed and writer.fd is not None:  # the new file is in place; nobody will take the descriptor
             os.close(writer.fd)
-        raise
-    except OSError as exc:
+        if not isinstance(exc, OSError) or isinstance(exc, DurabilityUnknownError):
+            raise
         named = with_path(exc, path)
         if named is exc:
             raise

@@ -1,7 +1,8 @@
 """The holder record: who holds a lock, written into the sidecar while it is held; the only importer of psutil.
 
-The record is one line of JSON written with ``pwrite`` right after the lock is taken and truncated away right
-before it is released, so a free lock shows no record (QLockFile's ``getLockInfo`` is the prior art; portalocker
+The record is one line of JSON written with ``pwrite`` right after the lock is taken and overwritten with blanks
+right before it is released (cheaper than a truncate, which frees and re-allocates the block), so a free lock
+shows no record (QLockFile's ``getLockInfo`` is the prior art; portalocker
 issues #106 and #118 ask for it). It is not fsynced: it describes a live process, and after a power loss no
 process holds any lock. A record still present when the lock is free was left by a killed holder.
 """

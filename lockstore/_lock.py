@@ -75,6 +75,10 @@ class Lock(Protocol):
         """Whether this thread holds the lock through a ``store.lock`` FileLock of any Store on this lock file."""
 
 
+class _TimedOut(Exception):
+    """The wait ran out; turned into a LockTimeout (describing the holder) only by callers that want one."""
+
+
 class _Shared:
     """One lock file's state in this process."""
 
@@ -187,10 +191,21 @@ class SidecarLock:
     def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
                 label: str | None, owner: object = None) -> bool:
         start = time.monotonic()
-        stale = self._acquire(token, start, timeout, poll_interval, blocking, label, owner)
+        stale = self.acquire_within(token, timeout=timeout, poll_interval=poll_interval, blocking=blocking,
+                                    label=label, owner=owner, start=start)
         if stale is None:
             raise self._timeout(time.monotonic() - start)
         return stale
+
+    def acquire_within(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
+                       label: str | None, owner: object = None, start: float | None = None) -> bool | None:
+        """:meth:`acquire`, but None instead of a LockTimeout (which reads the lock file to describe the holder):
+        for callers that wait in slices and describe the holder only at their own deadline."""
+        try:
+            return self._acquire(token, time.monotonic() if start is None else start, timeout, poll_interval,
+                                 blocking, label, owner)
+        except _TimedOut:
+            return None
 
     def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
         return self._acquire(token, time.monotonic(), 0.0, FIRST_PAUSE, False, label, owner)
@@ -299,13 +314,13 @@ class SidecarLock:
                 shared.waiter = None  # its thread has ended; the next wait starts a new one
                 raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
             if not got:
-                raise self._timeout(time.monotonic() - start)
+                raise _TimedOut
             return shared.waiter.fd
         pause = FIRST_PAUSE
         while True:
             now = time.monotonic()
             if 0 <= timeout <= now - start:
-                raise self._timeout(now - start)
+                raise _TimedOut
             sleep = pause if timeout < 0 else min(pause, max(0.0, start + timeout - now))
             time.sleep(sleep)
             if lock_descriptor(fd, blocking=False):

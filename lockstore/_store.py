@@ -49,7 +49,8 @@ class Store:
 
     Threads may share a Store: transactions of different threads are serialised by the lock, and a nested
     ``transaction()`` joins the outer one of the same thread. ``store.value`` itself is one shared object, so
-    threads should touch it only inside transactions. A Store inherited through ``fork`` works in the child
+    threads must touch it only inside transactions: a ``reload()`` or an edit by one thread while another is inside
+    a transaction changes that transaction's value under it. A Store inherited through ``fork`` works in the child
     (the child takes its own lock); a transaction open at the fork is not inherited.
     """
 
