@@ -75,6 +75,15 @@ class Lock(Protocol):
         """Whether this thread holds the lock through a ``store.lock`` FileLock of any Store on this lock file."""
 
 
+def _named(exc: OSError, lock_file: str) -> OSError:
+    """The same error naming the lock file (flock's and fstat's errors name no path)."""
+    if exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, exc.strerror, lock_file)
+    named.__cause__ = exc
+    return named
+
+
 class _TimedOut(Exception):
     """The wait ran out; turned into a LockTimeout (describing the holder) only by callers that want one."""
 
@@ -163,13 +172,20 @@ class SidecarLock:
 
     def _open(self, shared: _Shared) -> int:
         try:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666)
-            shared.writable = True
-        except PermissionError:
-            # A lock file we may not write can still be locked; we just leave no holder record in it.
-            fd = os.open(self.lock_file, os.O_RDONLY | _O_CLOEXEC)
-            shared.writable = False
-        st = os.fstat(fd)
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o666)
+                shared.writable = True
+            except PermissionError:
+                # A lock file we may not write can still be locked; we just leave no holder record in it.
+                fd = os.open(self.lock_file, os.O_RDONLY | _O_CLOEXEC)
+                shared.writable = False
+            try:
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            raise _named(exc, self.lock_file)  # noqa: B904 - _named chains it
         shared.fd, shared.inode = fd, (st.st_dev, st.st_ino)
         return fd
 
@@ -268,7 +284,7 @@ class SidecarLock:
         try:
             return lock_descriptor(fd, blocking=False)
         except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.lock_file) from exc  # flock's errors name no path
+            raise _named(exc, self.lock_file)  # noqa: B904 - _named chains it
 
     @staticmethod
     def _mark(shared: _Shared, fd: int, label: str | None) -> bool:
@@ -301,18 +317,21 @@ class SidecarLock:
             try:
                 lock_blocking(fd)
             except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
+                raise _named(exc, self.lock_file)  # noqa: B904 - _named chains it
             return fd
         if _CAN_BLOCK:
             if shared.waiter is None:
-                shared.waiter = Waiter(self.lock_file)
+                try:
+                    shared.waiter = Waiter(self.lock_file)
+                except OSError as exc:
+                    raise _named(exc, self.lock_file)  # noqa: B904 - _named chains it
             remaining = -1.0 if timeout < 0 else max(0.0, start + timeout - time.monotonic())
             try:
                 got = shared.waiter.wait(remaining)
             except OSError as exc:
                 shared.waiter.close()
                 shared.waiter = None  # its thread has ended; the next wait starts a new one
-                raise OSError(exc.errno, exc.strerror, self.lock_file) from exc
+                raise _named(exc, self.lock_file)  # noqa: B904 - _named chains it
             if not got:
                 raise _TimedOut
             return shared.waiter.fd

@@ -317,7 +317,7 @@ class Store:
             removed = _atomic.sweep(self.path)
             self._swept = True
             if removed:
-                log.info("lockstore: removed %d temp file(s) left by a killed writer of %s", len(removed), self.path)
+                log.debug("lockstore: removed %d temp file(s) left by a killed writer of %s", len(removed), self.path)
 
     def _finish(self, like: os.stat_result | None) -> None:
         """Encode once; write only if the value changed (a missing file still holding ``default`` is unchanged)."""
