@@ -45,7 +45,6 @@ FIRST_PAUSE: Final = 0.0002
 HANDOFF_PAUSE: Final = 0.0001
 
 
-
 class Lock(Protocol):
     """What a store needs from a lock."""
 
