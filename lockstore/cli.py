@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from . import _keys
+
 if TYPE_CHECKING:
     from . import Holder, Store
 
@@ -43,14 +45,6 @@ _EPILOG: Final = (__doc__ or "")[(__doc__ or "").index("Exit codes:"):]
 #: On a terminal, a wait longer than this many seconds is announced on stderr with the holder's description.
 _ANNOUNCE_AFTER: Final = 1.0
 _FORMATS: Final = ("json", "pickle", "bson")
-
-
-class _KeyPathError(LookupError):
-    """KEY is missing (``missing``) or its path crosses a value of the wrong type (exit code 3)."""
-
-    def __init__(self, message: str, *, missing: bool = False) -> None:
-        super().__init__(message)
-        self.missing = missing
 
 
 # --------------------------------------------------------------------------------------------- KEY and VALUE
@@ -108,120 +102,6 @@ def _exit_code(text: str) -> int:
     return code
 
 
-def _is_index(part: str) -> bool:
-    return part.lstrip("-").isdigit() and part.count("-") <= 1
-
-
-def _step(node: Any, part: str, where: str) -> Any:
-    """``node[part]`` for a dict or list node; raise _KeyPathError (missing, out of range, wrong type)."""
-    if isinstance(node, dict):
-        if part not in node:
-            raise _KeyPathError(f"{where}: no such key", missing=True)
-        return node[part]
-    if isinstance(node, list):
-        if not _is_index(part):
-            raise _KeyPathError(f"{where}: {part!r} is not a list index")
-        index = int(part)
-        if not -len(node) <= index < len(node):
-            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)", missing=True)
-        return node[index]
-    raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _lookup(root: Any, parts: list[str]) -> Any:
-    node = root
-    for i, part in enumerate(parts):
-        node = _step(node, part, ".".join(parts[: i + 1]))
-    return node
-
-
-def _parent(root: Any, parts: list[str], *, create: bool) -> tuple[dict[str, Any] | list[Any], str | int]:
-    """The container holding KEY's last part and the last part as its key or index; with ``create``, dicts missing
-    along the way are added. A list index must exist (out of range is an error, append extends lists)."""
-    node = root
-    for i, part in enumerate(parts[:-1]):
-        if create and isinstance(node, dict) and part not in node:
-            node[part] = {}
-        node = _step(node, part, ".".join(parts[: i + 1]))
-    last = parts[-1]
-    where = ".".join(parts)
-    if isinstance(node, dict):
-        return node, last
-    if isinstance(node, list):
-        if not _is_index(last):
-            raise _KeyPathError(f"{where}: {last!r} is not a list index")
-        index = int(last)
-        if not -len(node) <= index < len(node):
-            raise _KeyPathError(f"{where}: list index out of range (the list has {len(node)} items)", missing=True)
-        return node, index
-    raise _KeyPathError(f"{where}: cannot look inside a {_kind(node)}")
-
-
-_MISSING: Final = object()
-
-
-def _get_in(container: dict[str, Any] | list[Any], key: str | int) -> Any:
-    """``container[key]``, or _MISSING for a key a dict lacks (``_parent`` already checked list indexes)."""
-    if isinstance(container, dict):
-        return container.get(str(key), _MISSING)
-    return container[int(key)]
-
-
-def _put(container: dict[str, Any] | list[Any], key: str | int, value: Any) -> None:
-    if isinstance(container, dict):
-        container[str(key)] = value
-    else:
-        container[int(key)] = value
-
-
-# --------------------------------------------------------------------------------------------- the changes
-def _do_set(root: Any, args: argparse.Namespace) -> None:
-    container, key = _parent(root, args.key, create=True)
-    _put(container, key, args.value)
-
-
-def _do_incr(root: Any, args: argparse.Namespace) -> int | float:
-    container, key = _parent(root, args.key, create=True)
-    current = _get_in(container, key)
-    if current is _MISSING:
-        current = 0
-    if isinstance(current, bool) or not isinstance(current, (int, float)):
-        raise _KeyPathError(f"{'.'.join(args.key)}: cannot increment a {_kind(current)}")
-    new: int | float = current + args.by
-    _put(container, key, new)
-    return new
-
-
-def _do_append(root: Any, args: argparse.Namespace) -> None:
-    container, key = _parent(root, args.key, create=True)
-    current = _get_in(container, key)
-    if current is _MISSING:
-        _put(container, key, [args.value])
-        return
-    if not isinstance(current, list):
-        raise _KeyPathError(f"{'.'.join(args.key)}: cannot append to a {_kind(current)}")
-    current.append(args.value)
-
-
-def _do_delete(root: Any, args: argparse.Namespace) -> None:
-    try:
-        container, key = _parent(root, args.key, create=False)
-        if _get_in(container, key) is _MISSING:
-            raise _KeyPathError(f"{'.'.join(args.key)}: no such key", missing=True)
-    except _KeyPathError as exc:
-        if args.missing_ok and exc.missing:
-            return
-        raise
-    if isinstance(container, dict):
-        del container[str(key)]
-    else:
-        del container[int(key)]
-
-
 # --------------------------------------------------------------------------------------------- commands
 def _open(args: argparse.Namespace) -> Store:
     import lockstore
@@ -269,27 +149,27 @@ def _cmd_get(args: argparse.Namespace) -> int:
     import lockstore
 
     value = lockstore.read(args.file, default={}, format=args.format)
-    _print_json(value if args.key is None else _lookup(value, args.key), raw=args.raw)
+    _print_json(value if args.key is None else _keys.lookup(value, args.key), raw=args.raw)
     return EXIT_OK
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
-    _transact(args, _do_set)
+    _transact(args, _keys.do_set)
     return EXIT_OK
 
 
 def _cmd_incr(args: argparse.Namespace) -> int:
-    _print_json(_transact(args, _do_incr))
+    _print_json(_transact(args, _keys.do_incr))
     return EXIT_OK
 
 
 def _cmd_append(args: argparse.Namespace) -> int:
-    _transact(args, _do_append)
+    _transact(args, _keys.do_append)
     return EXIT_OK
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
-    _transact(args, _do_delete)
+    _transact(args, _keys.do_delete)
     return EXIT_OK
 
 
@@ -486,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockTimeout as exc:
         _error(str(exc))
         return int(getattr(args, "conflict_exit_code", EXIT_CONFLICT))
-    except _KeyPathError as exc:
+    except _keys.KeyPathError as exc:
         _error(f"key error: {exc}")
         return EXIT_KEY
     except (CorruptStoreError, SerializationError) as exc:
