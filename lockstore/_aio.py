@@ -137,12 +137,12 @@ async def _acquire(store: Store, lock: Lock, task: object, turn: _Turn, timeout:
     start = time.monotonic()
     once = not blocking or timeout == 0
     if once and turn.locked():
-        raise await _timeout(store, lock, 0.0)
+        raise await _timeout(lock, 0.0)
     try:
         async with asyncio.timeout(None if timeout < 0 else timeout):
             await turn.acquire()  # returns at once, without yielding to the loop, when nobody has the turn
     except TimeoutError:
-        raise await _timeout(store, lock, time.monotonic() - start) from None
+        raise await _timeout(lock, time.monotonic() - start) from None
     turn.owner = task
     try:
         pause = FIRST_PAUSE
@@ -154,7 +154,7 @@ async def _acquire(store: Store, lock: Lock, task: object, turn: _Turn, timeout:
             if timeout >= 0:
                 seconds = start + timeout - time.monotonic()
                 if once or seconds <= 0:
-                    raise await _timeout(store, lock, time.monotonic() - start)
+                    raise await _timeout(lock, time.monotonic() - start)
             if isinstance(lock, SidecarLock):
                 # Wait in the kernel's queue; slices keep a cancellation prompt.
                 got = await _wait_in_thread(store, lock, task, _SLICE if seconds < 0 else min(_SLICE, seconds), label)
@@ -214,11 +214,8 @@ async def _wait_in_thread(
         raise
 
 
-async def _timeout(store: Store, lock: Lock, waited: float) -> LockTimeout:
-    holder = await asyncio.to_thread(lock.holder)  # reads the lock file and may import psutil
-    # Like SidecarLock._timeout: a dead process's record under a held native lock is stale, not the holder.
-    stale = isinstance(lock, SidecarLock) and holder is not None and holder.alive is False
-    return LockTimeout(lock.lock_file, waited, path=store.path, holder=holder, holder_stale=stale)
+async def _timeout(lock: Lock, waited: float) -> LockTimeout:
+    return await asyncio.to_thread(lock.timeout_error, waited)  # reads the lock file and may import psutil
 
 
 def _begin(store: Store, stale: bool) -> os.stat_result | None:

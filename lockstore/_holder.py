@@ -82,7 +82,7 @@ def _process_prefix() -> str:
         "pid": pid,
         "start": _own_start_time(),
         "pidns": _pid_namespace(),
-        "host": os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", ""),
+        "host": _host_name(),
         "user": _user_name(),
         "cmd": cmd,
     }
@@ -123,7 +123,7 @@ def parse(data: bytes) -> Holder | None:
 
 
 def _alive(pid: int, start: float | None, host: str, pidns: str | None) -> bool | None:
-    here = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+    here = _host_name()
     if host != here or pidns != _pid_namespace():
         return None
     import psutil  # here only: importing psutil costs tens of milliseconds
@@ -147,7 +147,7 @@ def soft_marker_holder(pid: int, host: str, written_at: float) -> Holder:
     alive: bool | None = None
     cmdline: list[str] = []
     user = ""
-    here = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+    here = _host_name()
     if host == here:
         import psutil
 
@@ -180,6 +180,10 @@ def _own_start_time() -> float | None:
         return float(psutil.Process().create_time())
     except Exception:
         return None
+
+
+def _host_name() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 
 
 def _pid_namespace() -> str | None:

@@ -44,6 +44,9 @@ class Lock(Protocol):
     def holder(self) -> Holder | None:
         """The current holder, or None when the lock is free."""
 
+    def timeout_error(self, waited: float) -> LockTimeout:
+        """The LockTimeout to raise after waiting ``waited`` seconds (reads the lock file to name the holder)."""
+
     def held_here(self, token: object, owner: object = None) -> bool:
         """Whether ``owner`` (default: this thread) holds the lock through ``token``."""
 
@@ -85,9 +88,7 @@ class FileLockAdapter:
         try:
             self.lock.acquire(timeout=timeout, poll_interval=poll_interval, blocking=blocking)
         except Timeout as exc:
-            raise LockTimeout(
-                self.lock_file, time.monotonic() - start, path=self.data_path, holder=self.holder()
-            ) from exc
+            raise self.timeout_error(time.monotonic() - start) from exc
         self._owner = me
         self._token = token
         # Other lock kinds leave no record to tell a killed holder; sweeping costs a directory scan, so always do.
@@ -100,6 +101,9 @@ class FileLockAdapter:
 
     def holder(self) -> Holder | None:
         return _soft_holder(self.lock)
+
+    def timeout_error(self, waited: float) -> LockTimeout:
+        return LockTimeout(self.lock_file, waited, path=self.data_path, holder=self.holder())
 
 
 def _soft_holder(lock: BaseFileLock) -> Holder | None:

@@ -179,7 +179,7 @@ class SidecarLock:
         stale = self.acquire_within(token, timeout=timeout, poll_interval=poll_interval, blocking=blocking,
                                     label=label, owner=owner, start=start)
         if stale is None:
-            raise self._timeout(time.monotonic() - start)
+            raise self.timeout_error(time.monotonic() - start)
         return stale
 
     def acquire_within(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
@@ -339,7 +339,8 @@ class SidecarLock:
         finally:
             shared.mutex.release()
 
-    def _timeout(self, waited: float) -> LockTimeout:
+    def timeout_error(self, waited: float) -> LockTimeout:
+        """The LockTimeout for a wait of ``waited`` s; a dead process's record under a held lock is stale."""
         holder = self.holder()
         stale = holder is not None and holder.alive is False
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)

@@ -26,7 +26,7 @@ _O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 DEFAULT_TIMEOUT: Final = 30.0
 #: Longest pause between two attempts on a contended lock, where waiting has to poll: a filelock lock instance
 #: passed as ``lock=``, or an OS without a blocking ``flock``. The native sidecar lock waits in the kernel's queue
-#: instead (prompt and fair, see ``_lock._Waiter``).
+#: instead (prompt and fair, see ``_waiter.py``).
 DEFAULT_POLL_INTERVAL: Final = 0.05
 
 OnCorrupt = Literal["raise", "backup"]
@@ -232,11 +232,7 @@ class Store:
             raise _atomic.with_path(exc, self.path) from None
         if st is not None and self._ref_sig == _sig(st) and self._disk is not None:
             # The file is the very one we last read or wrote. Re-parse only if the caller changed the value since.
-            try:
-                same = self.format.encode(self.value) == self._disk
-            except Exception:
-                same = False
-            if not same:
+            if self._encoded(self.value) != self._disk:  # None (unencodable) counts as changed
                 self.value = self._decode(self._disk)
             return st
         self.value, st = self._read_value()
@@ -322,14 +318,11 @@ class Store:
     def _finish(self, like: os.stat_result | None) -> None:
         """Encode once; write only if the value changed (a missing file still holding ``default`` is unchanged)."""
         data = self._encode()
-        if data != (self._disk if self._disk is not None else self._encoded_default()):
+        if data != (self._disk if self._disk is not None else self._encoded(self.default)):
             self._write(data, like)
 
     def _savepoint(self) -> bytes | None:
-        try:
-            return self.format.encode(self.value)
-        except Exception:  # unencodable now: a rollback falls back to the value on disk
-            return None
+        return self._encoded(self.value)  # None (unencodable now): a rollback falls back to the value on disk
 
     def _rollback(self, savepoint: bytes | None) -> None:
         if savepoint is None:
@@ -401,10 +394,11 @@ class Store:
 
         return atransaction(self, timeout, blocking=blocking, label=label)
 
-    def _encoded_default(self) -> bytes | None:
+    def _encoded(self, value: Any) -> bytes | None:
+        """``value`` encoded, or None when it cannot be (then it never compares equal to bytes on disk)."""
         try:
-            return self.format.encode(self.default)
-        except Exception:  # an unencodable default is never "unchanged"
+            return self.format.encode(value)
+        except Exception:
             return None
 
     def _reset(self) -> None:
