@@ -1,0 +1,57 @@
+"""Shared fixtures.
+
+Servers: one real PostgreSQL and one real Redis per test session (``pg_server``, ``redis_server``; see
+``_servers.py``), and per test its own PostgreSQL database (``pg_url``) and its own Redis key prefix (``redis_key``,
+with ``redis_url``). Tests that stop, crash or reconfigure a server start their own instead
+(``with _servers.postgres_server(tmp_path) as pg:``, ``with _servers.redis_server(tmp_path) as r:``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import _servers
+import pytest
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_servers.PgServer]:
+    """A PostgreSQL server for the whole session (skips the test when the binaries are missing)."""
+    if reason := _servers.why_no_postgres():
+        pytest.skip(reason)
+    with _servers.postgres_server(tmp_path_factory) as srv:
+        yield srv
+
+
+@pytest.fixture
+def pg_url(pg_server: _servers.PgServer) -> Iterator[str]:
+    """TCP URL of a new database ``test_<random>`` for this test alone; dropped afterwards (WITH FORCE)."""
+    name = f"test_{secrets.token_hex(6)}"
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_servers.RedisServer]:
+    """A Redis server for the whole session (skips the test when redis-server is missing)."""
+    if reason := _servers.why_no_redis():
+        pytest.skip(reason)
+    with _servers.redis_server(tmp_path_factory) as srv:
+        yield srv
+
+
+@pytest.fixture
+def redis_url(redis_server: _servers.RedisServer) -> str:
+    """URL of the session's Redis server (db 0, shared: keep to the ``redis_key`` prefix, never FLUSHDB)."""
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_key(redis_server: _servers.RedisServer) -> Iterator[str]:
+    """A key prefix ``test:<random>:`` for this test alone; its keys are deleted afterwards."""
+    prefix = f"test:{secrets.token_hex(6)}:"
+    yield prefix
+    if redis_server.running:
+        redis_server.delete_prefix(prefix)
