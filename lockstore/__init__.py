@@ -1,9 +1,13 @@
 """lockstore: one value in one file, shared safely by many processes.
 
-Atomic replace keeps the file whole; a sidecar lock and read-modify-write transactions keep every update.
+Atomic replace keeps the file whole; a sidecar lock and read-modify-write transactions keep every update. The same
+Store can keep its value in PostgreSQL or Redis when the processes run on several hosts.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 from ._error import (
     CorruptStoreError,
@@ -21,7 +25,7 @@ from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
 __version__ = "0.1.0"
 
 
-async def aread(path: object, default: object = None, **kwargs: object) -> object:
+async def aread(path: str | os.PathLike[str], default: Any = None, **kwargs: Any) -> Any:
     """``await lockstore.aread(path, ...)``: :func:`read` without blocking the event loop (same arguments)."""
     from ._aio import aread as _aread
 

@@ -25,12 +25,10 @@ from typing import IO, Any
 from atomicwrites import AtomicWriter
 
 from ._error import DurabilityUnknownError
+from ._os import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, close_all, open_into, with_path
 
 _TEMP_SUFFIX = ".tmp"
 _TOKEN_BYTES = 4
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def temp_prefix(target: str) -> str:
@@ -54,47 +52,39 @@ def resolve_target(path: str) -> str:
     return os.path.realpath(path)
 
 
-def with_path(exc: OSError, path: str) -> OSError:
-    """Return ``exc`` naming ``path``: a new error of the same errno-mapped class when it named another file
-    (a temp file that no longer exists means nothing to the caller) or nothing."""
-    if exc.filename == path:
-        return exc
-    reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
-    if exc.filename is not None:
-        reason += f" (on the temp file {os.path.basename(os.fsdecode(exc.filename))})"
-    return OSError(exc.errno, reason, path)
-
-
 class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no types
-    """atomicwrites' writer with a store's defaults (see the module docstring)."""
+    """atomicwrites' writer with a store's defaults (see the module docstring).
 
-    def __init__(self, target: str, *, durable: bool, like: os.stat_result | None) -> None:
+    Signal safety: the temp file's descriptor is opened straight into the caller's list (``fds``) and only ever
+    closed from there (the file object wrapping it does not own it), and the rename is recorded as about to happen
+    before it happens, so that a rollback after an interrupt can tell whether the temp file is still there to
+    remove.
+    """
+
+    def __init__(self, target: str, *, durable: bool, like: os.stat_result | None, fds: list[int], name: str) -> None:
         super().__init__(target, mode="wb", overwrite=True)
         self.target = target
+        self.name = name
         self.durable = durable
         self.like = like
+        self.fds = fds
         self.temp: str | None = None
-        self.fd: int | None = None  # a duplicate of the written file's descriptor, kept open for the caller
+        self.renaming = False
         self.renamed = False
 
     def get_fileobject(self, **_: Any) -> IO[bytes]:
         prefix = temp_prefix(self.target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
         while True:
-            temp = prefix + secrets.token_hex(_TOKEN_BYTES) + _TEMP_SUFFIX
+            self.temp = prefix + secrets.token_hex(_TOKEN_BYTES) + _TEMP_SUFFIX
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, 0o666)
+                fd = open_into(self.fds, self.temp, flags, 0o666)
             except FileExistsError:  # pragma: no cover - 32 random bits collided
                 continue
             break
-        self.temp = temp
-        try:
-            if self.like is not None:
-                self._copy_metadata(fd, self.like)
-            return os.fdopen(fd, "wb", buffering=0)
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp)
-            raise
+        if self.like is not None:
+            self._copy_metadata(fd, self.like)
+        return os.fdopen(fd, "wb", buffering=0, closefd=False)
 
     @staticmethod
     def _copy_metadata(fd: int, like: os.stat_result) -> None:
@@ -106,75 +96,78 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
             os.fchmod(fd, stat.S_IMODE(like.st_mode))
 
     def sync(self, f: IO[bytes]) -> None:
-        fd = f.fileno()
         if self.durable:
-            os.fsync(fd)
-        self.fd = os.dup(fd)
+            os.fsync(f.fileno())
 
     def commit(self, f: IO[bytes]) -> None:
         assert self.temp is not None
+        self.renaming = True
         os.replace(self.temp, self.target)
         self.renamed = True
         if self.durable:
-            sync_directory(os.path.dirname(self.target) or ".", self.target)
+            sync_directory(os.path.dirname(self.target) or ".", self.name)
+
+    def in_place(self) -> bool:
+        """Whether the new file replaced the target (also when an interrupt came right after the rename)."""
+        return self.renamed or (self.renaming and self.temp is not None and not os.path.lexists(self.temp))
 
     def rollback(self, f: IO[bytes] | None) -> None:
-        if self.fd is not None and not self.renamed:
-            os.close(self.fd)
-            self.fd = None
-        if self.temp is not None and not self.renamed:
-            os.unlink(self.temp)
+        if self.temp is not None and self.fds and not self.in_place():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp)
 
 
 def sync_directory(directory: str, target: str) -> None:
     """fsync ``directory`` so that a rename into it survives a power loss; raise DurabilityUnknownError if not."""
+    dfds: list[int] = []
     try:
-        dfd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    except OSError as exc:
-        raise DurabilityUnknownError(target, exc) from exc
-    try:
+        dfd = open_into(dfds, directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         os.fsync(dfd)
     except OSError as exc:
         # Some file systems cannot sync a directory and say EINVAL; there is nothing more to do there.
-        if exc.errno != errno.EINVAL:
+        if exc.errno != errno.EINVAL or not dfds:
             raise DurabilityUnknownError(target, exc) from exc
     finally:
         # The rename is done (and synced, unless DurabilityUnknownError is on its way): a failing close of the
         # directory changes nothing on disk, so it must not turn a completed write into a plain OSError.
-        with contextlib.suppress(OSError):
-            os.close(dfd)
+        close_all(dfds)
 
 
-def write(path: str, data: bytes, *, durable: bool, like: os.stat_result | None) -> int:
-    """Atomically replace ``path`` (or its symlink target) with ``data``; return an open descriptor of the new file.
+def write(target: str, data: bytes, *, durable: bool, like: os.stat_result | None, into: list[int],
+          name: str | None = None) -> None:
+    """Atomically replace ``target`` (already resolved: see :func:`resolve_target`) with ``data``.
 
     ``like`` is the stat of the file being replaced (its mode, owner and group are kept), or None for a new file.
-    On an error before the rename the old file is untouched and the temp file is gone; the OSError names the path.
-    The caller owns the returned descriptor (it pins the new inode for change detection).
+    ``into`` is an empty list that receives the new file's open descriptor, owned by the caller from then on (it
+    pins the new inode for change detection). On an error before the rename the old file is untouched, the temp
+    file is gone and ``into`` is empty again; the OSError names ``name`` (default: ``target``), the path the caller
+    knows. DurabilityUnknownError means the new file is in place (its descriptor is in ``into``) but its directory
+    could not be synced.
     """
-    target = resolve_target(path)
-    writer = _Writer(target, durable=durable, like=like)
+    writer = _Writer(target, durable=durable, like=like, fds=into, name=name or target)
     try:
         with writer.open() as f:
             view = memoryview(data)
             while view:
                 view = view[os.write(f.fileno(), view) :]
     except BaseException as exc:
-        if writer.renamed and writer.fd is not None:  # the new file is in place; nobody will take the descriptor
-            os.close(writer.fd)
-        if not isinstance(exc, OSError) or isinstance(exc, DurabilityUnknownError):
+        if isinstance(exc, DurabilityUnknownError):
             raise
-        named = with_path(exc, path)
+        try:
+            writer.rollback(None)  # atomicwrites' own rollback ran, unless an interrupt cut it short
+        finally:
+            close_all(into)
+        if not isinstance(exc, OSError):
+            raise
+        named = with_path(exc, name or target)
         if named is exc:
             raise
         raise named from exc
-    assert writer.fd is not None
-    return writer.fd
 
 
-def sweep(path: str) -> list[str]:
-    """Remove temp files that killed writers left beside ``path``; call only while holding the store's lock."""
-    prefix = temp_prefix(resolve_target(path))
+def sweep(target: str) -> list[str]:
+    """Remove temp files that killed writers left beside ``target`` (resolved); only while holding its lock."""
+    prefix = temp_prefix(target)
     directory, head = os.path.split(prefix)
     removed: list[str] = []
     try:
@@ -193,4 +186,4 @@ def sweep(path: str) -> list[str]:
     return removed
 
 
-__all__ = ["resolve_target", "sweep", "sync_directory", "temp_prefix", "with_path", "write"]
+__all__ = ["resolve_target", "sweep", "sync_directory", "temp_prefix", "write"]

@@ -37,8 +37,9 @@ class LockReentryError(LockstoreError, RuntimeError):
 class LockTimeout(LockstoreError, Timeout):
     """The lock could not be acquired within the timeout.
 
-    Attributes: ``lock_file`` (the sidecar path), ``path`` (the data file, or None), ``waited`` (seconds),
-    ``holder`` (a :class:`lockstore.Holder` read from the lock file when the timeout fired, or None).
+    Attributes: ``lock_file`` (the sidecar path, or a server's lock key), ``path`` (the data file or target, or
+    None), ``waited`` (seconds), ``holder`` (a :class:`lockstore.Holder`: who held the lock when the timeout fired,
+    or None when not visible from here), ``holder_stale`` (a stale record of a killed holder is in the lock file).
     """
 
     def __init__(
@@ -58,9 +59,11 @@ class LockTimeout(LockstoreError, Timeout):
         target = f"{self.path} ({self.lock_file})" if self.path else self.lock_file
         text = f"timed out after {self.waited:.1f} s waiting for lock on {target}"
         if self.holder is not None:
-            text += ": " + self.holder.describe(stale=self.holder_stale)
+            text += ": " + self.holder.describe()
         else:
-            text += ": the holder left no record (a process that does not use lockstore, or a soft lock)"
+            text += ": the holder is not visible from here (another host or PID namespace) and left no record"
+        if self.holder_stale:
+            text += "; the lock file also holds a stale record left by a killed holder (ignored)"
         return text + "; deleting the lock file does not help (it breaks mutual exclusion, it does not free the lock)"
 
     def __repr__(self) -> str:

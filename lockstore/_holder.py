@@ -5,6 +5,10 @@ right before it is released (cheaper than a truncate, which frees and re-allocat
 shows no record (QLockFile's ``getLockInfo`` is the prior art; portalocker
 issues #106 and #118 ask for it). It is not fsynced: it describes a live process, and after a power loss no
 process holds any lock. A record still present when the lock is free was left by a killed holder.
+
+Who holds the lock is never decided from the record alone (:func:`current`): the kernel says which process holds
+the flock (``/proc/locks`` on Linux), and the record only adds what the kernel does not know (the label, since
+when). A process holding the lock without lockstore (``flock(1)``, a plain ``FileLock``) is named from the OS.
 """
 
 from __future__ import annotations
@@ -29,33 +33,36 @@ class Holder:
 
     ``alive`` is True when that process still runs (same pid AND same start time, so a reused pid is told apart),
     False when it does not, and None when this process cannot tell (another host or PID namespace, no permission).
+    ``recorded`` is False for a holder known only from the OS (it wrote no lockstore record): then ``acquired_at``
+    and ``label`` are None. ``waiting_since`` is set for a waiter that announced itself (see ``Store.waiters``).
     """
 
     pid: int
     host: str
     user: str
     cmdline: list[str]
-    acquired_at: float
+    acquired_at: float | None
     label: str | None
     alive: bool | None
     start_time: float | None = None
+    recorded: bool = True
+    waiting_since: float | None = None
 
     @property
-    def held_for(self) -> float:
-        """Seconds since the holder took the lock (by this host's clock)."""
+    def held_for(self) -> float | None:
+        """Seconds since the holder took the lock (by this host's clock), or None when unknown."""
+        if self.acquired_at is None:
+            return None
         return max(0.0, time.time() - self.acquired_at)
 
-    def describe(self, *, stale: bool = False) -> str:
+    def describe(self) -> str:
         """One line for people: how long, which process, on which host, whether alive, its command and label."""
         state = {True: "alive", False: "dead", None: "liveness unknown"}[self.alive]
         who = f"pid {self.pid} on host {self.host} ({state})"
         cmd = " ".join(" ".join(arg.split()) for arg in self.cmdline)  # one line, even for python -c "..."
         label = f" [label: {self.label}]" if self.label else ""
-        if stale:
-            return (
-                f"the lock file's record names {who}: {cmd}{label}, but that process is gone, so the record is stale "
-                "(left by a killed holder); the lock is held now by a process that wrote no record"
-            )
+        if self.held_for is None:
+            return f"held by {who}: {cmd} (it holds the lock without lockstore, so it left no record)"
         return f"held for {self.held_for:.1f} s by {who}: {cmd}{label}"
 
 
@@ -139,6 +146,52 @@ def _alive(pid: int, start: float | None, host: str, pidns: str | None) -> bool 
     return bool(abs(created - float(start)) <= _START_TOLERANCE)
 
 
+def current(record: bytes, holders: list[int] | None) -> tuple[Holder | None, bool]:
+    """Who holds a lock, from its file's first bytes and the pids the kernel lists as holding its flock.
+
+    Returns (holder or None when free, whether a stale record of a dead process is there). ``holders`` is None
+    where the kernel's list cannot be read (not Linux): then the record alone is used, and only while its process
+    is alive or cannot be checked. A holder in another PID namespace is not in the kernel's list for us: its record
+    (if any) is believed, with ``alive=None``.
+    """
+    held = parse(record)
+    stale = held is not None and held.alive is False
+    if holders is None:
+        return (None if stale else held), stale
+    if not holders:
+        if held is not None and held.alive is None:
+            return held, False  # another host or PID namespace: the kernel hides its holders from us
+        return None, stale
+    if held is not None and held.pid in holders and held.alive:
+        return held, False
+    return from_pid(holders[0]), stale
+
+
+def from_pid(pid: int) -> Holder:
+    """A Holder for a process of this host known only by its pid (it holds or waits for a lock, from the OS)."""
+    import psutil  # here only: importing psutil costs tens of milliseconds
+
+    cmdline: list[str] = []
+    user = ""
+    start: float | None = None
+    alive: bool | None = True
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            start = proc.create_time()
+            try:
+                cmdline = proc.cmdline()
+                user = proc.username()
+            except psutil.AccessDenied:
+                pass
+    except psutil.NoSuchProcess:
+        alive = False
+    except psutil.Error:
+        alive = None
+    return Holder(pid=pid, host=_host_name(), user=user, cmdline=cmdline, acquired_at=None, label=None, alive=alive,
+                  start_time=start, recorded=False)
+
+
 def soft_marker_holder(pid: int, host: str, written_at: float) -> Holder:
     """A Holder for a filelock soft-lock marker, which records only pid and host.
 
@@ -202,4 +255,4 @@ def _user_name() -> str:
         return os.environ.get("USER") or os.environ.get("USERNAME") or str(getattr(os, "getuid", lambda: "")())
 
 
-__all__ = ["Holder", "parse", "record"]
+__all__ = ["Holder", "current", "from_pid", "parse", "record"]

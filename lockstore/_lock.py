@@ -1,7 +1,9 @@
-"""Building the lock from ``lock=``: the native sidecar lock (``_sidecar.py``), or a caller's filelock instance.
+"""The file store's lock, built from ``lock=``: the native sidecar lock (``_sidecar.py``) or a caller's filelock lock.
 
-The lock file is never deleted (tox-dev/filelock#31: waiters that opened the old inode would lock a different file
-than new arrivals) and never broken by age: the OS releases a native lock when its holder dies.
+Both implement :class:`Lock`. The per-process rules (owners, reentry, arrival order, fork) are ``_owners.py``'s;
+a caller's filelock instance gets one :class:`~lockstore._owners.OwnerLock` per instance, so two Stores sharing one
+instance exclude each other inside the process too (filelock's own lock is reentrant per thread, so nesting their
+transactions would otherwise re-enter it and lose the inner update).
 """
 
 from __future__ import annotations
@@ -9,49 +11,64 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Protocol
 
 from filelock import BaseFileLock, Timeout
 
 from . import _holder
-from ._atomic import resolve_target
 from ._error import LockReentryError, LockTimeout
-from ._sidecar import FIRST_PAUSE, SidecarLock, _task_of_this_threads_loop
+from ._owners import OwnerLock, Ticket, blocks_this_loop
+from ._sidecar import SidecarLock
 
 if TYPE_CHECKING:
     from ._holder import Holder
 
 
 class Lock(Protocol):
-    """What a store needs from a lock."""
+    """What the file store needs from a lock. ``held`` objects are made by :meth:`held` before acquiring, so
+    that :meth:`release` can undo an acquisition cut short anywhere (by an error or a signal)."""
 
     lock_file: str
 
-    def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
-                label: str | None, owner: object = None) -> bool:
-        """Take the lock for ``token``; return True when a killed holder's leftovers should be swept.
+    def held(self, owner: object, holder: object) -> object:
+        """A new acquisition's state, for ``owner`` (a thread ident or an asyncio task), on behalf of ``holder``."""
 
-        ``owner`` identifies the holder inside this process: the calling thread by default, an asyncio task for
-        the async API. Raises LockTimeout, LockReentryError (``owner`` already holds it through another token).
+    def acquire(self, held: object, *, timeout: float, poll_interval: float, blocking: bool, label: str | None,
+                start: float | None = None) -> bool:
+        """Take the lock; return True when a killed holder's leftovers should be swept.
+
+        Raises LockTimeout, LockReentryError (the owner already holds it through another Store), OSError naming
+        the lock file. Whatever it raises, the caller then calls :meth:`release`.
         """
 
-    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
-        """One attempt that never blocks: None when the lock is busy, else what :meth:`acquire` returns."""
-
-    def release(self) -> None:
-        """Release the lock."""
+    def release(self, held: object) -> None:
+        """Undo whatever :meth:`acquire` did for ``held``; idempotent."""
 
     def holder(self) -> Holder | None:
-        """The current holder, or None when the lock is free."""
+        """Who holds the lock now, read without taking it."""
+
+    def waiters(self) -> list[Holder]:
+        """Who waits for it now, oldest first where known."""
 
     def timeout_error(self, waited: float) -> LockTimeout:
-        """The LockTimeout to raise after waiting ``waited`` seconds (reads the lock file to name the holder)."""
+        """The LockTimeout to raise after waiting ``waited`` seconds (names the holder)."""
 
-    def held_here(self, token: object, owner: object = None) -> bool:
-        """Whether ``owner`` (default: this thread) holds the lock through ``token``."""
+    def close(self) -> None:
+        """Give back what this process keeps open for the lock."""
 
-    def held_by_filelock_here(self) -> bool:
-        """Whether this thread holds the lock through a ``store.lock`` FileLock of any Store on this lock file."""
+
+class _AdapterHeld:
+    __slots__ = ("before", "taking", "ticket")
+
+    def __init__(self, owner: object, holder: object) -> None:
+        self.ticket = Ticket(owner, holder)
+        self.taking = False
+        self.before = 0  # the filelock's hold count in this thread before we acquired
+
+
+_INSTANCE_SLOTS: weakref.WeakKeyDictionary[BaseFileLock, OwnerLock] = weakref.WeakKeyDictionary()
+_INSTANCE_SLOTS_LOCK = threading.Lock()
 
 
 class FileLockAdapter:
@@ -61,49 +78,61 @@ class FileLockAdapter:
         self.lock = lock
         self.lock_file = lock.lock_file
         self.data_path = data_path
-        self._owner: object = None
-        self._token: object = None
+        with _INSTANCE_SLOTS_LOCK:
+            slot = _INSTANCE_SLOTS.get(lock)
+            if slot is None:
+                slot = _INSTANCE_SLOTS[lock] = OwnerLock()
+        self._slot = slot
 
     def __repr__(self) -> str:
         return f"<FileLockAdapter {self.lock!r}>"
 
-    def held_here(self, token: object, owner: object = None) -> bool:
-        return self._owner == (threading.get_ident() if owner is None else owner) and self._token is token
+    def held(self, owner: object, holder: object) -> _AdapterHeld:
+        return _AdapterHeld(owner, holder)
 
-    def held_by_filelock_here(self) -> bool:
-        return False  # the caller's own lock instance is used directly, and filelock checks its reentrancy
-
-    def try_acquire(self, token: object, *, label: str | None, owner: object = None) -> bool | None:
-        try:
-            return self.acquire(token, timeout=0, poll_interval=0.05, blocking=False, label=label, owner=owner)
-        except LockTimeout:
-            return None
-
-    def acquire(self, token: object, *, timeout: float, poll_interval: float, blocking: bool,
-                label: str | None, owner: object = None) -> bool:
-        me = threading.get_ident() if owner is None else owner
-        if self._owner == me or (owner is None and _task_of_this_threads_loop(self._owner)):
+    def acquire(self, held: object, *, timeout: float, poll_interval: float, blocking: bool, label: str | None,
+                start: float | None = None) -> bool:
+        assert isinstance(held, _AdapterHeld)
+        begun = time.monotonic() if start is None else start
+        slot = self._slot
+        holder = slot.owner()
+        if holder is not None and (holder == held.ticket.owner or blocks_this_loop(holder)):
             raise LockReentryError(self.lock_file)
-        start = time.monotonic()
+        remaining = -1.0 if timeout < 0 else max(0.0, begun + timeout - time.monotonic())
+        if not slot.take(held.ticket, remaining if blocking else 0.0):
+            raise self.timeout_error(time.monotonic() - begun)
+        remaining = -1.0 if timeout < 0 else max(0.0, begun + timeout - time.monotonic())
+        held.before = self.lock.lock_counter
+        held.taking = True  # recorded first: release() checks the hold count, so it never undoes a caller's hold
         try:
-            self.lock.acquire(timeout=timeout, poll_interval=poll_interval, blocking=blocking)
+            self.lock.acquire(timeout=remaining, poll_interval=poll_interval, blocking=blocking)
         except Timeout as exc:
-            raise self.timeout_error(time.monotonic() - start) from exc
-        self._owner = me
-        self._token = token
+            raise self.timeout_error(time.monotonic() - begun) from exc
         # Other lock kinds leave no record to tell a killed holder; sweeping costs a directory scan, so always do.
         return True
 
-    def release(self) -> None:
-        self._owner = None
-        self._token = None
-        self.lock.release()
+    def release(self, held: object) -> None:
+        assert isinstance(held, _AdapterHeld)
+        try:
+            # Checked against the hold count before unlocking, and forgotten only after: a repeated call after an
+            # interrupt neither skips the release nor releases twice.
+            if held.taking and self.lock.lock_counter > held.before:
+                self.lock.release()
+            held.taking = False
+        finally:
+            self._slot.give(held.ticket)
 
     def holder(self) -> Holder | None:
         return _soft_holder(self.lock)
 
+    def waiters(self) -> list[Holder]:
+        return []  # a filelock lock keeps no queue that another process could read
+
     def timeout_error(self, waited: float) -> LockTimeout:
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=self.holder())
+
+    def close(self) -> None:
+        """The caller's lock instance is the caller's: nothing to give back."""
 
 
 def _soft_holder(lock: BaseFileLock) -> Holder | None:
@@ -111,6 +140,7 @@ def _soft_holder(lock: BaseFileLock) -> Holder | None:
     try:
         with open(lock.lock_file, "rb") as f:
             data = f.read(4096)
+        mtime = os.stat(lock.lock_file).st_mtime
     except OSError:
         return None
     lines = data.decode(errors="replace").splitlines()
@@ -118,21 +148,16 @@ def _soft_holder(lock: BaseFileLock) -> Holder | None:
         return None
     pid = int(lines[0].strip())
     host = lines[1].strip() if len(lines) > 1 else ""
-    try:
-        mtime = os.stat(lock.lock_file).st_mtime
-    except OSError:
-        return None
     return _holder.soft_marker_holder(pid, host, mtime)
 
 
 def build(lock: object, path: str) -> Lock | None:
-    """Turn ``lock=`` into a lock: True (sidecar ``<path>.lock``), a path, a filelock instance, or False."""
+    """Turn ``lock=`` into a lock with a fixed lock file: a path, a filelock instance, or False (None).
+
+    ``lock=True`` (the sidecar beside the data file's symlink target) is chosen per transaction by the file store.
+    """
     if lock is False or lock is None:
         return None
-    if lock is True:
-        # Beside the file actually written: a store opened through a symlink and one opened on its target must
-        # share one lock.
-        return SidecarLock(resolve_target(path) + ".lock", data_path=path)
     if isinstance(lock, (str, os.PathLike)):
         return SidecarLock(os.fspath(lock), data_path=path)
     if isinstance(lock, BaseFileLock):
@@ -140,4 +165,4 @@ def build(lock: object, path: str) -> Lock | None:
     raise TypeError(f"lock= must be True, False, a path or a filelock lock instance, not {type(lock).__name__}")
 
 
-__all__ = ["FIRST_PAUSE", "FileLockAdapter", "Lock", "SidecarLock", "build"]
+__all__ = ["FileLockAdapter", "Lock", "SidecarLock", "build"]

@@ -4,8 +4,9 @@ Every command that changes the file (set, incr, append, delete) is one transacti
 ``FILE.lock``, reloads the file under it, changes the value and replaces the file atomically before releasing, so
 parallel shell loops never lose an update. ``get`` reads without the lock (atomic replace means a reader always sees
 a whole file). KEY is a dotted path (``stats.runs``, ``jobs.0.state``): integer parts index lists; set, incr and
-append create missing dicts along the way. VALUE is parsed as JSON and taken as a string when it is not valid JSON.
-A missing file starts as ``{}``.
+append create what is missing along the way as jq does (a list where the next part is an integer, else a dict; an
+index past a list's end pads it with nulls). VALUE is parsed as JSON and taken as a string when it is not valid
+JSON. A missing file starts as ``{}``.
 
 Start-up time matters for a tool run once per shell-loop iteration, so the library is imported only after the
 arguments are parsed and psutil only when a holder is described (``lockstore._holder``).
@@ -15,9 +16,11 @@ Exit codes:
   1    the lock was busy: timeout (-w) or -n; -E/--conflict-exit-code CODE picks another code
   2    usage error (bad arguments or KEY)
   3    key error: KEY is missing (get, delete), or its path crosses a value of the wrong type
-       (a string where a dict or list is needed, incr of a non-number, append to a non-list, a list index out of range)
+       (a string where a dict or list is needed, incr of a non-number, append to a non-list, a list index out of
+       range for get and delete, a negative index before a list's start, or a list to grow by over 10,000 items)
   4    data error: FILE cannot be decoded (it is left untouched) or the value cannot be encoded
   5    I/O error: permission denied, missing directory, disk full, read-only file system...
+  6    a module this command needs is not installed (the message names the extra to install)
   130  interrupted (Ctrl-C)
 """
 
@@ -39,6 +42,7 @@ EXIT_USAGE: Final = 2
 EXIT_KEY: Final = 3
 EXIT_DATA: Final = 4
 EXIT_IO: Final = 5
+EXIT_MISSING: Final = 6
 EXIT_INTERRUPTED: Final = 130
 
 _EPILOG: Final = (__doc__ or "")[(__doc__ or "").index("Exit codes:"):]
@@ -103,7 +107,7 @@ def _exit_code(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- commands
-def _open(args: argparse.Namespace) -> Store:
+def _open(args: argparse.Namespace) -> Store[Any]:
     import lockstore
 
     return lockstore.open(args.file, default={}, format=args.format, durable=args.durable)
@@ -123,7 +127,7 @@ def _transact(args: argparse.Namespace, change: Callable[[Any, argparse.Namespac
                 return change(s.value, args)
         except LockTimeout as exc:
             waited = exc.waited
-            holder = exc.holder.describe(stale=exc.holder_stale) if exc.holder is not None else "no holder record"
+            holder = exc.holder.describe() if exc.holder is not None else "no holder visible from here"
             forever = "forever" if timeout < 0 else f"up to {timeout - waited:.1f} s more"
             _error(f"waiting ({forever}) for the lock on {args.file}: {holder}")
             timeout = timeout if timeout < 0 else max(0.0, timeout - waited)
@@ -188,7 +192,31 @@ class _Opaque:
 def _holder_dict(holder: Holder) -> dict[str, Any]:
     import dataclasses
 
-    return {**dataclasses.asdict(holder), "held_for": round(holder.held_for, 3)}
+    held_for = holder.held_for
+    return {**dataclasses.asdict(holder), "held_for": None if held_for is None else round(held_for, 3)}
+
+
+def _describe_lines(holder: Holder, *, waiting: bool = False) -> list[str]:
+    import time
+
+    def when(t: float | None) -> str:
+        return "unknown" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    alive = {True: "yes", False: "no", None: "unknown (another host or PID namespace)"}
+    lines = [f"pid:      {holder.pid}", f"host:     {holder.host}", f"user:     {holder.user}",
+             f"alive:    {alive[holder.alive]}"]
+    if waiting:
+        since = holder.waiting_since
+        if since is not None:
+            lines.append(f"waiting:  {max(0.0, time.time() - since):.1f} s (since {when(since)})")
+    elif holder.held_for is not None:
+        lines.append(f"held for: {holder.held_for:.1f} s (since {when(holder.acquired_at)})")
+    else:
+        lines.append("held for: unknown (it holds the lock without lockstore, so it left no record)")
+    lines.append(f"command:  {_one_line(' '.join(holder.cmdline))}")
+    if holder.label:
+        lines.append(f"label:    {holder.label}")
+    return lines
 
 
 def _cmd_holder(args: argparse.Namespace) -> int:
@@ -196,28 +224,27 @@ def _cmd_holder(args: argparse.Namespace) -> int:
 
     store = lockstore.open(args.file, format=_Opaque, is_binary=True)
     holder = store.holder()
+    waiting = store.waiters()
     if args.json:
         import json
 
         print(json.dumps({"file": args.file, "lock_file": store.lock_file, "held": holder is not None,
-                          "holder": None if holder is None else _holder_dict(holder)}))
+                          "holder": None if holder is None else _holder_dict(holder),
+                          "waiting": [_holder_dict(w) for w in waiting]}))
         return EXIT_OK
     if holder is None:
-        print(f"{store.lock_file}: free (no holder recorded; a program that does not use lockstore leaves none)")
-        return EXIT_OK
-    import time
-
-    alive = {True: "yes", False: "no (the record is stale)", None: "unknown (another host or PID namespace)"}
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.acquired_at))
-    print(f"{store.lock_file}: held")
-    print(f"  pid:      {holder.pid}")
-    print(f"  host:     {holder.host}")
-    print(f"  user:     {holder.user}")
-    print(f"  alive:    {alive[holder.alive]}")
-    print(f"  held for: {holder.held_for:.1f} s (since {since})")
-    print(f"  command:  {_one_line(' '.join(holder.cmdline))}")
-    if holder.label:
-        print(f"  label:    {holder.label}")
+        print(f"{store.lock_file}: free")
+    else:
+        print(f"{store.lock_file}: held")
+        for line in _describe_lines(holder):
+            print(f"  {line}")
+    if waiting:
+        print(f"waiting: {len(waiting)} process{'es' if len(waiting) > 1 else ''}, oldest first")
+        for i, waiter in enumerate(waiting, 1):
+            lines = _describe_lines(waiter, waiting=True)
+            print(f"  {i}. {lines[0]}")
+            for line in lines[1:]:
+                print(f"     {line}")
     return EXIT_OK
 
 
@@ -302,15 +329,20 @@ _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[
 #: name -> (summary, details, add its arguments, run it)
 _COMMANDS: Final[dict[str, _Command]] = {
     "get": ("print the value, or the part at KEY, as JSON", "Reads without taking the lock.", _args_get, _cmd_get),
-    "set": ("set KEY to VALUE", "Creates missing dicts along KEY.", _args_key_value, _cmd_set),
+    "set": ("set KEY to VALUE", "Creates what is missing along KEY, as jq does: a list where the next part is an "
+            "integer (padded with nulls up to it), else a dict.", _args_key_value, _cmd_set),
     "incr": ("add N to the number at KEY and print the new value",
-             "A missing KEY starts at 0; missing dicts along KEY are created.", _args_incr, _cmd_incr),
+             "A missing (or null) KEY starts at 0; what is missing along KEY is created as by set.", _args_incr,
+             _cmd_incr),
     "append": ("append VALUE to the list at KEY",
-               "A missing KEY starts a new list; missing dicts along KEY are created.", _args_key_value, _cmd_append),
+               "A missing (or null) KEY starts a new list; what is missing along KEY is created as by set.",
+               _args_key_value, _cmd_append),
     "delete": ("remove KEY", "A missing KEY is a key error (exit 3) unless --missing-ok.", _args_delete, _cmd_delete),
-    "holder": ("show who holds FILE's lock, or that it is free",
+    "holder": ("show who holds FILE's lock, or that it is free, and who waits for it",
                "Prints the pid, host, user, whether the process is alive, how long it has held the lock, its "
-               "command and label, from the record lockstore keeps in FILE.lock. Never takes the lock.",
+               "command and label, then the processes waiting for it, oldest first. The kernel names the holder "
+               "(Linux: /proc/locks), the record lockstore keeps in FILE.lock adds its label and since when. Never "
+               "takes the lock.",
                _args_holder, _cmd_holder),
     "demo": ("the README's demo: worker processes increment one counter, without and with transactions",
              "Prints the final count of plain reload() + commit() (lost updates) and of transaction() (exact).",
@@ -372,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CorruptStoreError, SerializationError) as exc:
         _error(str(exc))
         return EXIT_DATA
+    except ImportError as exc:
+        _error(str(exc))
+        return EXIT_MISSING
     except BrokenPipeError:
         # The reader went away (``lockstore get f | head``); silence the interpreter's flush at exit too.
         import os

@@ -182,7 +182,7 @@ def test_key_paths_create_dicts_and_index_lists(tmp_path: Path, capsys: pytest.C
         (("incr", "t"), "t: cannot increment a bool"),
         (("incr", "s.x"), "s.x: cannot look inside a str"),
         (("append", "s", "x"), "s: cannot append to a str"),
-        (("set", "l.3", "1"), "l.3: list index out of range"),
+        (("set", "l.-3", "1"), "l.-3: list index out of range"),
         (("set", "l.x.y", "1"), "l.x: 'x' is not a list index"),
     ],
 )

@@ -21,8 +21,7 @@ def test_build(tmp_path: Path) -> None:
     p = str(tmp_path / "d.json")
     assert _lock.build(False, p) is None
     assert _lock.build(None, p) is None
-    native = _lock.build(True, p)
-    assert isinstance(native, _lock.SidecarLock)
+    native = lockstore.open(p, lock=True)  # lock=True: the sidecar beside the file, chosen per transaction
     assert native.lock_file == p + ".lock"
     other = _lock.build(tmp_path / "o.lock", p)
     assert isinstance(other, _lock.SidecarLock)

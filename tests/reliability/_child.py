@@ -32,20 +32,21 @@ import lockstore._atomic
 from reliability._harness import bump, make_value
 
 
-def _inplace_write(path: str, data: bytes, *, durable: bool, like: os.stat_result | None) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _inplace_write(target: str, data: bytes, *, durable: bool, like: os.stat_result | None, into: list[int],
+                   name: str | None = None) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    into.append(fd)
     view = memoryview(data)
     # Small writes make the torn window wide enough for a random kill to land in it.
     while view:
         view = view[os.write(fd, view[:512]) :]
     if durable:
         os.fsync(fd)
-    return fd
 
 
 def _patch(argv: list[str]) -> None:
     if "--inplace" in argv:
-        lockstore._atomic.write = _inplace_write  # _store calls it as _atomic.write, so this reaches commits
+        lockstore._atomic.write = _inplace_write  # the file storage calls it as _atomic.write: this reaches commits
     if "--nofsync" in argv:
         os.fsync = lambda fd: None
 

@@ -171,8 +171,9 @@ def test_data_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError) as info:
         lockstore.open(path)
     assert info.value.filename == str(path)
-    store = lockstore.open(tmp_path / "other.json", lock=False)
-    store.path = str(path)  # a store whose path became a directory after it was opened
+    path.rmdir()
+    store = lockstore.open(path, lock=False)
+    path.mkdir()  # a store whose path became a directory after it was opened
     with pytest.raises(OSError) as err:
         store.commit()
     assert str(tmp_path) in str(err.value.filename)

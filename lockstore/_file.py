@@ -1,0 +1,311 @@
+"""The file storage: one value in one data file, written by atomic replace, locked through a sidecar lock file.
+
+- Reads without the lock open the path (through a symlink) and see a whole old or new file.
+- Under the lock, the data path is resolved again and the transaction reads and writes that resolved file only.
+  With ``lock=True`` the lock file sits beside the resolved file (``<target>.lock``), so a Store opened through a
+  symlink and one opened on its target share one lock; if the link is switched to another file while a process
+  waits for the old file's lock, the process lets go and locks the new file's lock instead. Reads, writes and the
+  lock therefore always refer to the same file, whenever the link moves.
+- Versions are (device, inode, size, mtime, ctime). The storage keeps a descriptor open on the file it last read
+  or wrote, so that its inode number cannot be reused by another file while it is the version we compare with.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _atomic, _lock
+from ._backend import Stored
+from ._os import O_CLOEXEC, close_all, open_into, with_path
+from ._sidecar import SidecarLock
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
+
+    from ._error import LockTimeout
+    from ._holder import Holder
+    from ._lock import Lock
+
+_Sig = tuple[int, int, int, int, int]
+
+
+def _sig(st: os.stat_result) -> _Sig:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _resolve(path: str) -> tuple[str, os.stat_result | None]:
+    """The file that ``path`` names now (itself, or the end of its symlink chain) and its stat (None if missing)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path, None
+    except OSError as exc:
+        raise with_path(exc, path) from None
+    if not stat.S_ISLNK(st.st_mode):
+        return path, st
+    target = os.path.realpath(path)
+    try:
+        return target, os.stat(target)
+    except FileNotFoundError:
+        return target, None
+    except OSError as exc:
+        raise with_path(exc, path) from None
+
+
+class FileHeld:
+    """One acquisition of a file store's lock."""
+
+    __slots__ = ("holder", "like", "lock", "lock_held", "owner", "target", "turn")
+
+    def __init__(self, owner: object, holder: object) -> None:
+        self.owner = owner
+        self.holder = holder
+        self.lock: Lock | None = None
+        self.lock_held: object = None
+        self.target = ""
+        self.like: os.stat_result | None = None  # the target's stat, as found under the lock
+        self.turn: Any = None  # asyncio: this loop's turn for the lock file, held while the lock is
+
+
+class FileStorage:
+    """A data file and its lock (see the module docstring)."""
+
+    cheap_versions = True
+
+    def __init__(self, path: str, *, lock: object, durable: bool, poll_interval: float) -> None:
+        self.path = self.target = path
+        self.durable = durable
+        self.poll_interval = poll_interval
+        self.native = lock is True
+        self._fixed = None if self.native else _lock.build(lock, path)
+        self._native: dict[str, SidecarLock] = {}  # lock=True: the sidecar of each target seen (normally one)
+        self._last_target: str | None = None
+        self._pins: list[int] = []  # a descriptor of the file our version describes
+        self._next: list[int] = []  # a descriptor being opened or written, becoming the pin
+        self._swept: set[str] = set()
+        self._filelock: BaseFileLock | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self.native or self._fixed is not None
+
+    @property
+    def lock_name(self) -> str | None:
+        lock = self._current_lock()
+        return None if lock is None else lock.lock_file
+
+    def _sidecar(self, target: str) -> SidecarLock:
+        lock_file = target + ".lock"
+        lock = self._native.get(lock_file)
+        if lock is None:
+            lock = self._native[lock_file] = SidecarLock(lock_file, data_path=self.path)
+        return lock
+
+    def _current_lock(self) -> Lock | None:
+        if not self.native:
+            return self._fixed
+        target = self._last_target
+        if target is None:
+            target = self._last_target = _resolve(self.path)[0]
+        return self._sidecar(target)
+
+    # ------------------------------------------------------------------------------------------- reading
+    def _rotate(self) -> None:
+        """The descriptor just opened becomes the pin; the old pin is closed."""
+        self._pins, self._next = self._next, self._pins
+        close_all(self._next)
+
+    def _read(self, path: str, name: str) -> Stored:
+        close_all(self._next)
+        try:
+            fd = open_into(self._next, path, os.O_RDONLY | O_CLOEXEC)
+        except FileNotFoundError:
+            close_all(self._pins)
+            return Stored(None, None)
+        except OSError as exc:
+            raise with_path(exc, name) from None
+        try:
+            st = os.fstat(fd)
+            chunks = []
+            while chunk := os.read(fd, max(st.st_size + 1, 65536)):
+                chunks.append(chunk)
+        except OSError as exc:
+            close_all(self._next)
+            raise with_path(exc, name) from None
+        except BaseException:
+            close_all(self._next)
+            raise
+        self._rotate()
+        return Stored(b"".join(chunks), _sig(st))
+
+    def load(self) -> Stored:
+        return self._read(self.path, self.path)
+
+    def fetch(self, held: object, known: object) -> Stored | None:
+        assert isinstance(held, FileHeld)
+        st = held.like
+        if st is None:
+            close_all(self._pins)
+            return None if known is None else Stored(None, None)
+        if known is not None and _sig(st) == known and self._pins:
+            return None
+        return self._read(held.target, self.path)
+
+    # ------------------------------------------------------------------------------------------- writing
+    def _write(self, target: str, data: bytes, like: os.stat_result | None) -> object:
+        close_all(self._next)
+        _atomic.write(target, data, durable=self.durable, like=like, into=self._next, name=self.path)
+        fd = self._next[0]
+        self._rotate()
+        try:
+            return _sig(os.fstat(fd))
+        except OSError:
+            # The new value is in place: without its stat the store only cannot recognise the file next time, so
+            # the version is unknown (the next transaction re-reads) instead of the completed write reported failed.
+            return None
+
+    def save(self, held: object, data: bytes) -> object:
+        assert isinstance(held, FileHeld)
+        return self._write(held.target, data, held.like)
+
+    def put(self, data: bytes) -> object:
+        target, st = _resolve(self.path)
+        return self._write(target, data, st)
+
+    def set_aside(self, held: object) -> str | None:
+        assert isinstance(held, FileHeld)
+        target = held.target
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = f"{target}.corrupt-{stamp}"
+        n = 0
+        while os.path.lexists(aside):
+            n += 1
+            aside = f"{target}.corrupt-{stamp}-{n}"
+        try:
+            os.rename(target, aside)
+        except OSError as exc:
+            raise with_path(exc, self.path) from None
+        close_all(self._pins)
+        held.like = None
+        return aside
+
+    # ------------------------------------------------------------------------------------------- locking
+    def held(self, owner: object, holder: object) -> FileHeld:
+        return FileHeld(owner, holder)
+
+    def acquire(self, held: object, *, timeout: float, blocking: bool, label: str | None) -> None:
+        assert isinstance(held, FileHeld)
+        start = time.monotonic()
+        while True:
+            lock = self.lock_to_take()
+            held.lock = lock
+            held.lock_held = lock.held(held.owner, held.holder)
+            stale = lock.acquire(held.lock_held, timeout=timeout, poll_interval=self.poll_interval,
+                                 blocking=blocking, label=label, start=start)
+            if self.settle(held, lock):
+                break
+        self.swept(held, stale)
+
+    def swept(self, held: FileHeld, stale: bool) -> None:
+        """Holding the lock: remove temp files of killed writers, once per Store and after a stale record."""
+        if stale or held.target not in self._swept:
+            self._swept.add(held.target)
+            _atomic.sweep(held.target)
+
+    def lock_to_take(self) -> Lock:
+        lock = self._current_lock()
+        assert lock is not None
+        return lock
+
+    def settle(self, held: FileHeld, lock: Lock) -> bool:
+        """Holding ``lock``: resolve the data path now. False when a switched symlink means that this is no longer
+        the lock of the file the path names (the lock was let go; take the new one)."""
+        target, st = _resolve(self.path)
+        if self.native and self._last_target != target:
+            self._last_target = target
+            if self._sidecar(target) is not lock:
+                lock.release(held.lock_held)
+                return False
+        held.target, held.like = target, st
+        return True
+
+    def release(self, held: object) -> None:
+        assert isinstance(held, FileHeld)
+        try:
+            if held.lock is not None and held.lock_held is not None:
+                held.lock.release(held.lock_held)
+        finally:
+            if held.turn is not None:
+                from ._aio import give_turn
+
+                give_turn(held)
+
+    # ------------------------------------------------------------------------------------------- diagnostics
+    def holder(self) -> Holder | None:
+        lock = self._current_lock()
+        return None if lock is None else lock.holder()
+
+    def waiters(self) -> list[Holder]:
+        lock = self._current_lock()
+        return [] if lock is None else lock.waiters()
+
+    def timeout_error(self, waited: float) -> LockTimeout:
+        lock = self._current_lock()
+        assert lock is not None
+        return lock.timeout_error(waited)
+
+    def filelock(self, timeout: float) -> Any:
+        """``store.lock``: a FileLock on the current lock file, or the caller's instance, or None."""
+        if self._fixed is not None:
+            return self._fixed.lock if isinstance(self._fixed, _lock.FileLockAdapter) else None
+        if not self.native:
+            return None
+        if self._filelock is None:
+            lock = self._current_lock()
+            assert isinstance(lock, SidecarLock)
+            self._filelock = lock.filelock(timeout)
+        return self._filelock
+
+    def close(self) -> None:
+        close_all(self._next)
+        close_all(self._pins)
+        for lock in self._native.values():
+            lock.close()
+        if self._fixed is not None:
+            self._fixed.close()
+
+    # ------------------------------------------------------------------------------------------- asyncio
+    async def aload(self) -> Stored:
+        from ._aio import in_thread
+
+        return await in_thread(self.load)
+
+    async def aacquire(self, held: object, *, timeout: float, blocking: bool, label: str | None) -> None:
+        from ._aio import acquire_file
+
+        assert isinstance(held, FileHeld)
+        await acquire_file(self, held, timeout=timeout, blocking=blocking, label=label)
+
+    async def afetch(self, held: object, known: object) -> Stored | None:
+        from ._aio import in_thread
+
+        return await in_thread(self.fetch, held, known)
+
+    async def asave(self, held: object, data: bytes) -> object:
+        from ._aio import in_thread
+
+        return await in_thread(self.save, held, data)
+
+    async def aset_aside(self, held: object) -> str | None:
+        from ._aio import in_thread
+
+        return await in_thread(self.set_aside, held)
+
+    async def arelease(self, held: object) -> None:
+        self.release(held)  # nothing that could block the loop: a pwrite of blanks and an unlock
+
+
+__all__ = ["FileHeld", "FileStorage"]

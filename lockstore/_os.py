@@ -1,0 +1,71 @@
+"""Operating-system constants and small helpers shared by the file store's modules, defined once.
+
+``open_into`` and ``dup_into`` exist for signal safety. CPython runs signal handlers (a KeyboardInterrupt) between
+bytecodes, including right after a call returns and before its result is stored: ``fd = os.open(...)`` can lose
+the descriptor it just opened. Here the descriptor is appended to the caller's list by C code (``list.extend``
+consuming ``map``), with no bytecode in between, so whatever is interrupted, the caller's cleanup finds it.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+from typing import Final
+
+O_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+O_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)
+
+
+def open_into(fds: list[int], path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` whose descriptor lands in ``fds`` before any signal handler can run; returns it."""
+    fds.extend(map(os.open, (path,), (flags,), (mode,)))
+    return fds[-1]
+
+
+def dup_into(fds: list[int], fd: int) -> int:
+    """``os.dup`` whose descriptor lands in ``fds`` before any signal handler can run; returns it."""
+    fds.extend(map(os.dup, (fd,)))
+    return fds[-1]
+
+
+def close_all(fds: list[int]) -> None:
+    """Close and forget every descriptor in ``fds``, each exactly once, ignoring errors (cleanup only).
+
+    C code pops each descriptor and closes it (``iter(fds.pop, ...)`` feeding ``map(os.close, ...)``), so an
+    interrupt can neither leave a closed descriptor in the list (a second cleanup would close a number that another
+    thread may have been given since) nor drop one from the list unclosed.
+    """
+    while fds:
+        try:
+            collections.deque(map(os.close, iter(fds.pop, None)), maxlen=0)
+        except IndexError:  # the list is empty
+            return
+        except OSError:  # that descriptor was popped; on Linux close() releases it even when it reports an error
+            continue
+
+
+def named(exc: OSError, path: str) -> OSError:
+    """The same error naming ``path`` (flock's, fstat's and pwrite's errors name no file)."""
+    if exc.filename is not None:
+        return exc
+    err = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), path)
+    err.__cause__ = exc
+    return err
+
+
+def with_path(exc: OSError, path: str) -> OSError:
+    """Return ``exc`` naming ``path``: a new error of the same errno-mapped class when it named another file
+    (a temp file that no longer exists means nothing to the caller) or nothing."""
+    if exc.filename == path:
+        return exc
+    reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+    if exc.filename is not None:
+        reason += f" (on the temp file {os.path.basename(os.fsdecode(exc.filename))})"
+    return OSError(exc.errno, reason, path)
+
+
+__all__ = ["O_CLOEXEC", "O_DIRECTORY", "O_NOFOLLOW", "O_NONBLOCK", "close_all", "dup_into", "named", "open_into",
+           "with_path"]

@@ -1,0 +1,381 @@
+"""The transaction logic, once: lock → refresh → the block → write if changed → release, sync and async.
+
+``store.transaction()``, ``store.atransaction()`` and ``store.commit()`` all run a :class:`Transaction`; only
+whether its storage steps are awaited differs. The steps themselves (refresh, savepoint, rollback, encode and
+compare) are methods of :class:`Core`, the Store's private state, and run the same on both paths.
+
+Rules that hold everywhere (and are tested):
+
+- A Store is used by one transaction at a time: the outermost transaction of an owner (a thread, or an asyncio
+  task) holds the Store's own lock (``Core.guard``) from after it took the storage's lock until it released it.
+  Another thread's ``commit()`` or ``reload()`` on the same Store waits for it, so no call ever writes or resets
+  another thread's uncommitted value. A nested transaction of the same owner joins the outer one as a savepoint.
+- Signals: every acquisition is recorded, before it happens, where cleanup finds it (``Ticket`` objects, the
+  storage's ``held`` state), and every cleanup is idempotent and retried once if an interrupt cuts it short. A
+  transaction object dropped without its ``__exit__`` (an interrupt right at its start) rolls back and releases
+  from ``__del__``.
+- Fork: a transaction inherited by a forked child is not the child's. Leaving its block in the child writes
+  nothing, releases nothing (the lock is the parent's) and raises nothing; the child's value goes back to what was
+  stored when the transaction began.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+from ._backend import Stored
+from ._error import CorruptStoreError, DurabilityUnknownError, LockReentryError, LockTimeout, SerializationError
+from ._owners import OwnerLock, Ticket, blocks_this_loop, current_owner, generation
+from ._savepoint import Savepoint
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._backend import Storage
+    from ._formats import Format
+    from ._options import OnCorrupt
+    from ._store import Store
+
+log = logging.getLogger("lockstore")
+T = TypeVar("T")
+
+#: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
+BLOCK: Final = 0
+COMMIT: Final = 1
+
+
+class Core(Generic[T]):
+    """A Store's private state and the steps every transaction path shares."""
+
+    __slots__ = ("active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
+                 "timeout", "version")
+
+    def __init__(self, store: Store[T], storage: Storage, fmt: Format, default: T, *, timeout: float,
+                 poll_interval: float, on_corrupt: OnCorrupt) -> None:
+        self.store = store
+        self.storage = storage
+        self.format = fmt
+        self.default = default
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.on_corrupt = on_corrupt
+        self.disk: bytes | None = None  # what is stored, as last read or written by this Store
+        self.version: object = None
+        self.guard = OwnerLock()
+        self.active: Transaction[T] | None = None  # the outermost transaction holding the Store now
+
+    # ----------------------------------------------------------------------------------------- values
+    def fresh_default(self) -> T:
+        return copy.deepcopy(self.default)
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return self.format.decode(data)
+        except Exception as exc:
+            raise CorruptStoreError(self.storage.target, f"cannot be decoded as {self.format.name}: {exc}") from exc
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return self.format.encode(value)
+        except Exception as exc:
+            raise SerializationError(self.storage.target, f"cannot encode {type(value).__name__} as "
+                                                          f"{self.format.name}: {exc}") from exc
+
+    def encoded(self, value: Any) -> bytes | None:
+        """``value`` encoded, or None when it cannot be (then it never compares equal to stored bytes)."""
+        try:
+            return self.format.encode(value)
+        except Exception:
+            return None
+
+    def baseline(self) -> bytes | None:
+        """The bytes a value must differ from to be worth writing: what is stored, or the default's encoding."""
+        return self.disk if self.disk is not None else self.encoded(self.default)
+
+    def stored_value(self) -> Any:
+        """A new value equal to what is stored (the default when nothing is)."""
+        return self.fresh_default() if self.disk is None else self.decode(self.disk)
+
+    def restore(self, value: Any) -> None:
+        """Make ``value`` the store's value, in place for a dict or list, so that references the caller took to
+        ``store.value`` keep reaching the value that will be written."""
+        store = self.store
+        current: Any = store.value
+        if type(current) is dict and type(value) is dict:
+            current.clear()
+            current.update(value)
+        elif type(current) is list and type(value) is list:
+            current[:] = value
+        else:
+            store.value = value
+
+    def accept(self, stored: Stored) -> Any:
+        """Remember what was read and return its value; CorruptStoreError when it does not decode."""
+        value = self.fresh_default() if stored.data is None else self.decode(stored.data)
+        self.disk, self.version = stored.data, stored.version
+        return value
+
+    # ----------------------------------------------------------------------------------------- ownership
+    def mine(self, owner: object) -> Transaction[T] | None:
+        """The outermost transaction of ``owner`` (or of this thread, for a task running on it) on this Store."""
+        txn = self.active
+        if txn is None or txn.done or txn.generation != generation():
+            return None
+        if txn.owner == owner or txn.owner == threading.get_ident():
+            return txn
+        return None
+
+    def take_guard(self, ticket: Ticket, timeout: float) -> None:
+        """Wait (up to ``timeout``) until no other owner's transaction uses this Store."""
+        other = self.guard.owner()
+        if other is not None and blocks_this_loop(other):
+            raise LockReentryError(self.storage.lock_name or self.storage.target)
+        if not self.guard.take(ticket, timeout):
+            raise LockTimeout(self.storage.lock_name or self.storage.target, timeout, path=self.storage.target,
+                              holder=None)
+
+
+class Transaction(Generic[T]):
+    """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
+
+    __slots__ = ("__weakref__", "blocking", "core", "done", "generation", "guard_ticket", "held", "kind", "label",
+                 "outer", "owner", "savepoint", "timeout")
+
+    def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
+        self.core = core
+        self.timeout = timeout
+        self.blocking = blocking
+        self.label = label
+        self.kind = kind
+        self.owner: object = None
+        self.generation = -1
+        self.held: object = None
+        self.guard_ticket: Ticket | None = None
+        self.outer: Transaction[T] | None = None
+        self.savepoint: Savepoint | None = None
+        self.done = False
+
+    # ----------------------------------------------------------------------------------------- shared steps
+    def _join(self, outer: Transaction[T]) -> Store[T]:
+        """A nested transaction: a savepoint of the outer one."""
+        self.outer = outer
+        self.savepoint = Savepoint(self.core.store.value)
+        return self.core.store
+
+    def _leave_nested(self, failed: bool) -> None:
+        if failed and self.savepoint is not None:
+            self.core.store.value = self.savepoint.restore()
+
+    def _guarded(self) -> None:
+        """Holding the storage's lock: take the Store (waiting only for another thread's short ``reload()``)."""
+        core = self.core
+        ticket = self.guard_ticket = Ticket(self.owner, self)
+        core.take_guard(ticket, self.timeout)
+        core.active = self
+
+    def _refreshed(self, stored: Stored | None) -> bool:
+        """Make the store's value what is stored; True when the stored value must be set aside (corrupt)."""
+        core = self.core
+        store = core.store
+        if stored is None:
+            # Unchanged since this Store last read or wrote it: re-parse only if the caller changed the value since.
+            baseline = core.baseline()
+            if baseline is None or core.encoded(store.value) != baseline:
+                core.restore(core.stored_value())
+            return False
+        try:
+            store.value = core.accept(stored)
+        except CorruptStoreError:
+            if core.on_corrupt == "raise":
+                raise
+            return True
+        return False
+
+    def _set_aside_done(self, aside: str | None) -> None:
+        core = self.core
+        core.disk, core.version = None, None
+        core.store.value = core.fresh_default()
+        log.warning("lockstore: %s could not be decoded; moved it aside to %s and started from the default",
+                    core.storage.target, aside)
+
+    def _to_write(self) -> bytes | None:
+        """The bytes to write at the end, or None when a transaction's value did not change."""
+        core = self.core
+        data = core.encode(core.store.value)
+        if self.kind == BLOCK and data == core.baseline():
+            return None
+        return data
+
+    def _written(self, data: bytes, version: object) -> None:
+        core = self.core
+        core.disk, core.version = data, version
+
+    def _rollback(self) -> None:
+        """The value goes back to what is stored (the block failed, or its write did); a failed ``commit()`` leaves
+        the caller's value alone."""
+        if self.kind == BLOCK:
+            core = self.core
+            core.restore(core.stored_value())
+
+    def _forked_exit(self) -> None:
+        """Leaving, in a forked child, a transaction the parent opened: nothing to write or release."""
+        self.done = True
+        core = self.core
+        try:
+            core.restore(core.stored_value())
+        except CorruptStoreError:
+            pass
+
+    def _release(self) -> None:
+        """Let go of the Store and the storage's lock; idempotent."""
+        core = self.core
+        self.done = True
+        try:
+            if core.active is self:
+                core.active = None
+            ticket = self.guard_ticket
+            if ticket is not None:
+                core.guard.give(ticket)
+        finally:
+            if self.held is not None:
+                core.storage.release(self.held)
+
+    def _end(self) -> None:
+        try:
+            self._release()
+        except BaseException:
+            self._release()  # idempotent: finishes what an interrupt cut short
+            raise
+
+    def __del__(self) -> None:
+        # Dropped without __exit__ (an interrupt at its very start): write nothing, give everything back.
+        if self.held is None or self.done or self.outer is not None or self.generation != generation():
+            return
+        try:
+            self._rollback()
+        except Exception:
+            pass
+        self._end()
+
+    # ----------------------------------------------------------------------------------------- sync
+    def __enter__(self) -> Store[T]:
+        core = self.core
+        owner = current_owner()
+        outer = core.mine(owner)
+        if outer is not None:
+            return self._join(outer)
+        self.owner = owner
+        self.generation = generation()
+        storage = core.storage
+        try:
+            self.held = storage.held(owner, self)
+            storage.acquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
+            self._guarded()
+            if self.kind == BLOCK:
+                stored = storage.fetch(self.held, core.version)
+                if self._refreshed(stored):
+                    self._set_aside_done(storage.set_aside(self.held))
+        except BaseException:
+            self._end()
+            raise
+        return core.store
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.outer is not None:
+            self._leave_nested(exc_type is not None)
+            return
+        if self.generation != generation():
+            self._forked_exit()
+            return
+        try:
+            if exc_type is not None:
+                self._rollback()
+                return
+            data = self._to_write()
+            if data is not None:
+                try:
+                    self._written(data, self.core.storage.save(self.held, data))
+                except DurabilityUnknownError:
+                    self._written(data, None)  # in place; only its durability is unknown
+                    raise
+        except DurabilityUnknownError:
+            raise
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._end()
+
+    # ----------------------------------------------------------------------------------------- async
+    async def __aenter__(self) -> Store[T]:
+        from ._aio import in_thread, settle
+
+        core = self.core
+        owner = current_owner()
+        outer = core.mine(owner)
+        if outer is not None:
+            return self._join(outer)
+        self.owner = owner
+        self.generation = generation()
+        storage = core.storage
+        try:
+            self.held = storage.held(owner, self)
+            await storage.aacquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
+            await in_thread(self._guarded)
+            if self.kind == BLOCK:
+                stored = await storage.afetch(self.held, core.version)
+                if await in_thread(self._refreshed, stored):
+                    self._set_aside_done(await storage.aset_aside(self.held))
+        except BaseException:
+            await settle(self._aend())
+            raise
+        return core.store
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        from ._aio import in_thread, settle
+
+        if self.outer is not None:
+            self._leave_nested(exc_type is not None)
+            return
+        if self.generation != generation():
+            self._forked_exit()
+            return
+        try:
+            if exc_type is not None:
+                await in_thread(self._rollback)
+                return
+            data = await in_thread(self._to_write)
+            if data is not None:
+                try:
+                    self._written(data, await self.core.storage.asave(self.held, data))
+                except DurabilityUnknownError:
+                    self._written(data, None)
+                    raise
+        except DurabilityUnknownError:
+            raise
+        except BaseException:
+            await in_thread(self._rollback)
+            raise
+        finally:
+            await settle(self._aend())
+
+    async def _aend(self) -> None:
+        core = self.core
+        self.done = True
+        try:
+            if core.active is self:
+                core.active = None
+            ticket = self.guard_ticket
+            if ticket is not None:
+                core.guard.give(ticket)
+        finally:
+            if self.held is not None:
+                await core.storage.arelease(self.held)
+
+
+__all__ = ["BLOCK", "COMMIT", "Core", "Transaction"]
