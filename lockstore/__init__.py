@@ -12,9 +12,11 @@ from typing import Any
 from ._error import (
     CorruptStoreError,
     DurabilityUnknownError,
+    LockLost,
     LockReentryError,
     LockstoreError,
     LockTimeout,
+    NotDurableError,
     SerializationError,
     TransactionLockError,
 )
@@ -40,9 +42,11 @@ __all__ = [
     "CorruptStoreError",
     "DurabilityUnknownError",
     "Holder",
+    "LockLost",
     "LockReentryError",
     "LockTimeout",
     "LockstoreError",
+    "NotDurableError",
     "SerializationError",
     "Store",
     "TransactionLockError",

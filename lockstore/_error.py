@@ -21,7 +21,8 @@ class LockstoreError(Exception):
 
 
 class LockReentryError(LockstoreError, RuntimeError):
-    """A thread asked for a lock that it already holds through another store object: waiting would deadlock."""
+    """A thread or task asked for a lock that it (or a task of the event loop running on its thread) already holds
+    through another Store object or ``store.lock``: waiting would never end."""
 
     def __init__(self, lock_file: str) -> None:
         super().__init__(lock_file)
@@ -29,8 +30,9 @@ class LockReentryError(LockstoreError, RuntimeError):
 
     def __str__(self) -> str:
         return (
-            f"this thread already holds the lock {self.lock_file} through another Store object on the same file; "
-            "nest transactions of one Store object instead (a nested transaction of one object joins the outer one)"
+            f"this thread or task already holds the lock {self.lock_file} (through another Store object on the same "
+            "file, or store.lock), or a task of the event loop running on this thread does, so waiting for it would "
+            "never end; nest transactions of one Store object instead (a nested transaction joins the outer one)"
         )
 
 
@@ -123,6 +125,38 @@ def _rebuild_os(cls: type[OSError], args: tuple[Any, ...], state: dict[str, Any]
     return obj
 
 
+class LockLost(LockstoreError, RuntimeError):
+    """A lease-based lock (Redis) lapsed before the commit: the server refused the write, so nothing was written.
+
+    The holder paused or was cut off longer than its lease, and another process may have taken the lock and
+    committed meanwhile. ``target`` names the store; ``waited`` is unused (0). Retry the whole transaction.
+    """
+
+    def __init__(self, target: str, reason: str = "") -> None:
+        super().__init__(target, reason)
+        self.target = target
+        self.reason = reason
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"{self.target}: the lock's lease lapsed before the commit{why}; the server refused the write, so "
+                "nothing was written: run the transaction again")
+
+
+class NotDurableError(LockstoreError, RuntimeError):
+    """``durable=True`` on a server that acknowledges commits before making them durable; ``setting`` says what."""
+
+    def __init__(self, target: str, setting: str) -> None:
+        super().__init__(target, setting)
+        self.target = target
+        self.setting = setting
+
+    def __str__(self) -> str:
+        return (f"{self.target}: the server acknowledges commits before they are durable ({self.setting}); "
+                "configure it to sync each commit, or pass durable=False to accept losing acknowledged commits in "
+                "a crash")
+
+
 class TransactionLockError(LockstoreError, TypeError):
     """``transaction()`` was called on a store opened with ``lock=False``."""
 
@@ -137,9 +171,11 @@ class TransactionLockError(LockstoreError, TypeError):
 __all__ = [
     "CorruptStoreError",
     "DurabilityUnknownError",
+    "LockLost",
     "LockReentryError",
     "LockTimeout",
     "LockstoreError",
+    "NotDurableError",
     "SerializationError",
     "TransactionLockError",
 ]
