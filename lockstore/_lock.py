@@ -18,7 +18,7 @@ from filelock import BaseFileLock, Timeout
 
 from . import _holder
 from ._error import LockReentryError, LockTimeout
-from ._owners import OwnerLock, Ticket, blocks_this_loop
+from ._owners import OwnerLock, Ticket, conflicts
 from ._sidecar import SidecarLock
 
 if TYPE_CHECKING:
@@ -95,8 +95,7 @@ class FileLockAdapter:
         assert isinstance(held, _AdapterHeld)
         begun = time.monotonic() if start is None else start
         slot = self._slot
-        holder = slot.owner()
-        if holder is not None and (holder == held.ticket.owner or blocks_this_loop(holder)):
+        if conflicts(slot.owner(), held.ticket.owner):
             raise LockReentryError(self.lock_file)
         remaining = -1.0 if timeout < 0 else max(0.0, begun + timeout - time.monotonic())
         if not slot.take(held.ticket, remaining if blocking else 0.0):

@@ -63,6 +63,13 @@ def blocks_this_loop(owner: object) -> bool:
     return loop is not None and owner.get_loop() is loop
 
 
+def conflicts(holder: object, owner: object) -> bool:
+    """Whether ``owner`` waiting for something ``holder`` holds would wait for itself: the same owner, this very
+    thread (a task whose loop runs inside this thread's transaction), or a task of the loop running on this thread
+    (a blocking wait here would stop the loop that must let it finish)."""
+    return holder is not None and (holder == owner or holder == threading.get_ident() or blocks_this_loop(holder))
+
+
 class Ticket:
     """One request for an :class:`OwnerLock`, made before asking, so that cleanup code can always find it."""
 
@@ -193,4 +200,4 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-__all__ = ["OwnerLock", "Ticket", "at_fork", "blocks_this_loop", "current_owner", "generation"]
+__all__ = ["OwnerLock", "Ticket", "at_fork", "blocks_this_loop", "conflicts", "current_owner", "generation"]

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 from . import _holder, _proclocks
 from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
-from ._owners import OwnerLock, Ticket, at_fork, blocks_this_loop
+from ._owners import OwnerLock, Ticket, at_fork, conflicts
 from ._waiter import AVAILABLE as _CAN_BLOCK
 from ._waiter import Waiter
 
@@ -296,8 +296,7 @@ class SidecarLock:
         ticket = held.ticket
         while True:
             slot = held.slot = self._find_slot()
-            holder = slot.owner()
-            if holder is not None and (holder == ticket.owner or blocks_this_loop(holder)):
+            if conflicts(slot.owner(), ticket.owner):
                 raise LockReentryError(self.lock_file)
             if not slot.take(ticket, _remaining(start, timeout) if blocking else 0.0):
                 raise _TimedOut

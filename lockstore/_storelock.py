@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 from ._error import LockReentryError
-from ._owners import blocks_this_loop, current_owner
+from ._owners import conflicts, current_owner
 
 if TYPE_CHECKING:
     from ._owners import OwnerLock
@@ -28,10 +28,9 @@ class StoreFileLock(FileLock):
         self._lockstore_slot = slot
 
     def acquire(self, timeout: float | None = None, poll_interval: float | None = None, **kwargs: Any) -> Any:
-        if not self.is_locked:  # re-entering this FileLock itself is filelock's business, and fine
-            holder = self._lockstore_slot.owner()
-            if holder is not None and (holder == current_owner() or blocks_this_loop(holder)):
-                raise LockReentryError(self.lock_file)
+        # Re-entering this FileLock itself is filelock's business, and fine.
+        if not self.is_locked and conflicts(self._lockstore_slot.owner(), current_owner()):
+            raise LockReentryError(self.lock_file)
         return super().acquire(timeout, poll_interval, **kwargs)
 
 

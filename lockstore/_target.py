@@ -9,6 +9,8 @@ import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from ._file import FileStorage
+
 if TYPE_CHECKING:
     from ._backend import Storage
 
@@ -83,8 +85,6 @@ def make_storage(path: str | os.PathLike[str], *, lock: object, durable: bool, p
     if options:
         names = ", ".join(sorted(options))
         raise TypeError(f"unexpected option(s) for a file store: {names}")
-    from ._file import FileStorage
-
     return FileStorage(os.fspath(path), lock=lock, durable=durable, poll_interval=poll_interval)
 
 
