@@ -91,7 +91,7 @@ async def acquire_file(storage: FileStorage, held: FileHeld, *, timeout: float, 
     while True:
         lock = storage.lock_to_take()
         held.lock = lock
-        held.lock_held = lock.held(held.owner, held.holder)
+        held.lock_held = lock.held(held.owner, held.holder and held.holder())
         turn = _turn(lock.lock_file)
         if turn.owner is held.owner:
             raise LockReentryError(lock.lock_file)  # this task holds it through another Store object

@@ -61,10 +61,12 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
     remove.
     """
 
-    def __init__(self, target: str, *, durable: bool, like: os.stat_result | None, fds: list[int], name: str) -> None:
+    def __init__(self, target: str, *, durable: bool, like: os.stat_result | None, fds: list[int], name: str,
+                 scratch: list[int]) -> None:
         super().__init__(target, mode="wb", overwrite=True)
         self.target = target
         self.name = name
+        self.scratch = scratch
         self.durable = durable
         self.like = like
         self.fds = fds
@@ -105,7 +107,7 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
         os.replace(self.temp, self.target)
         self.renamed = True
         if self.durable:
-            sync_directory(os.path.dirname(self.target) or ".", self.name)
+            sync_directory(os.path.dirname(self.target) or ".", self.name, self.scratch)
 
     def in_place(self) -> bool:
         """Whether the new file replaced the target (also when an interrupt came right after the rename)."""
@@ -117,9 +119,11 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
                 os.unlink(self.temp)
 
 
-def sync_directory(directory: str, target: str) -> None:
-    """fsync ``directory`` so that a rename into it survives a power loss; raise DurabilityUnknownError if not."""
-    dfds: list[int] = []
+def sync_directory(directory: str, target: str, dfds: list[int]) -> None:
+    """fsync ``directory`` so that a rename into it survives a power loss; raise DurabilityUnknownError if not.
+
+    The directory's descriptor goes into ``dfds``, a list the caller owns and empties again if an interrupt cuts
+    this short."""
     try:
         dfd = open_into(dfds, directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         os.fsync(dfd)
@@ -134,7 +138,7 @@ def sync_directory(directory: str, target: str) -> None:
 
 
 def write(target: str, data: bytes, *, durable: bool, like: os.stat_result | None, into: list[int],
-          name: str | None = None) -> None:
+          scratch: list[int], name: str | None = None) -> None:
     """Atomically replace ``target`` (already resolved: see :func:`resolve_target`) with ``data``.
 
     ``like`` is the stat of the file being replaced (its mode, owner and group are kept), or None for a new file.
@@ -142,9 +146,10 @@ def write(target: str, data: bytes, *, durable: bool, like: os.stat_result | Non
     pins the new inode for change detection). On an error before the rename the old file is untouched, the temp
     file is gone and ``into`` is empty again; the OSError names ``name`` (default: ``target``), the path the caller
     knows. DurabilityUnknownError means the new file is in place (its descriptor is in ``into``) but its directory
-    could not be synced.
+    could not be synced. ``scratch`` is an empty list for a passing descriptor (the directory's), which the caller
+    empties with ``close_all`` should an interrupt leave one there.
     """
-    writer = _Writer(target, durable=durable, like=like, fds=into, name=name or target)
+    writer = _Writer(target, durable=durable, like=like, fds=into, name=name or target, scratch=scratch)
     try:
         with writer.open() as f:
             view = memoryview(data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import _atomic, _lock
@@ -62,7 +63,7 @@ class FileHeld:
 
     def __init__(self, owner: object, holder: object) -> None:
         self.owner = owner
-        self.holder = holder
+        self.holder = weakref.ref(holder) if holder is not None else None  # weakly, as the lock's ticket does
         self.lock: Lock | None = None
         self.lock_held: object = None
         self.target = ""
@@ -85,6 +86,7 @@ class FileStorage:
         self._last_target: str | None = None
         self._pins: list[int] = []  # a descriptor of the file our version describes
         self._next: list[int] = []  # a descriptor being opened or written, becoming the pin
+        self._scratch: list[int] = []  # a passing descriptor (the directory's, for its fsync)
         self._swept: set[str] = set()
         self._filelock: BaseFileLock | None = None
 
@@ -156,8 +158,11 @@ class FileStorage:
 
     # ------------------------------------------------------------------------------------------- writing
     def _write(self, target: str, data: bytes, like: os.stat_result | None) -> object:
+        # Descriptors an interrupt left in our lists last time are closed now (each list is only ever ours).
         close_all(self._next)
-        _atomic.write(target, data, durable=self.durable, like=like, into=self._next, name=self.path)
+        close_all(self._scratch)
+        _atomic.write(target, data, durable=self.durable, like=like, into=self._next, scratch=self._scratch,
+                      name=self.path)
         fd = self._next[0]
         self._rotate()
         try:
@@ -202,7 +207,7 @@ class FileStorage:
         while True:
             lock = self.lock_to_take()
             held.lock = lock
-            held.lock_held = lock.held(held.owner, held.holder)
+            held.lock_held = lock.held(held.owner, held.holder and held.holder())
             stale = lock.acquire(held.lock_held, timeout=timeout, poll_interval=self.poll_interval,
                                  blocking=blocking, label=label, start=start)
             if self.settle(held, lock):
@@ -271,6 +276,7 @@ class FileStorage:
 
     def close(self) -> None:
         close_all(self._next)
+        close_all(self._scratch)
         close_all(self._pins)
         for lock in self._native.values():
             lock.close()

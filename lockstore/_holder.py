@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._os import read_bytes
+
 _CMDLINE_MAX: Final = 200
 #: Labels are cut so that a record always fits the 4 KiB that readers of the lock file read.
 _LABEL_MAX: Final = 200
@@ -219,13 +221,17 @@ def soft_marker_holder(pid: int, host: str, written_at: float) -> Holder:
 def _own_start_time() -> float | None:
     # Linux: what psutil computes, without importing it (start ticks since boot / CLK_TCK + boot time).
     try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
+        stat = read_bytes("/proc/self/stat")
         ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
-        with open("/proc/stat", "rb") as f:
-            btime = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
+        btime = None
+        for line in read_bytes("/proc/stat").splitlines():
+            if line.startswith(b"btime"):
+                btime = float(line.split()[1])
+                break
+        if btime is None:
+            raise ValueError("no btime in /proc/stat")
         return ticks / os.sysconf("SC_CLK_TCK") + btime
-    except (OSError, ValueError, StopIteration):
+    except (OSError, ValueError):
         pass
     try:
         import psutil

@@ -18,6 +18,7 @@ from filelock import BaseFileLock, Timeout
 
 from . import _holder
 from ._error import LockReentryError, LockTimeout
+from ._os import read_bytes
 from ._owners import OwnerLock, Ticket, conflicts
 from ._sidecar import SidecarLock
 
@@ -137,8 +138,7 @@ class FileLockAdapter:
 def _soft_holder(lock: BaseFileLock) -> Holder | None:
     """Holder information of a filelock soft lock, read from its marker (pid and host are what it records)."""
     try:
-        with open(lock.lock_file, "rb") as f:
-            data = f.read(4096)
+        data = read_bytes(lock.lock_file, 4096)
         mtime = os.stat(lock.lock_file).st_mtime
     except OSError:
         return None

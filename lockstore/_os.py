@@ -47,6 +47,29 @@ def close_all(fds: list[int]) -> None:
             continue
 
 
+def read_bytes(path: str, limit: int = -1) -> bytes:
+    """The bytes of the file at ``path`` (at most ``limit``), read without a file object: an interrupt anywhere
+    leaves no descriptor open (and no file object for the garbage collector to close with a ResourceWarning)."""
+    fds: list[int] = []
+    try:
+        fd = open_into(fds, path, os.O_RDONLY | O_CLOEXEC)
+        chunks = []
+        left = limit
+        while left:
+            chunk = os.read(fd, 65536 if left < 0 else min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        try:
+            close_all(fds)
+        except BaseException:
+            close_all(fds)  # an interrupt cut the first call short
+            raise
+
+
 def named(exc: OSError, path: str) -> OSError:
     """The same error naming ``path`` (flock's, fstat's and pwrite's errors name no file)."""
     if exc.filename is not None:
@@ -68,4 +91,4 @@ def with_path(exc: OSError, path: str) -> OSError:
 
 
 __all__ = ["O_CLOEXEC", "O_DIRECTORY", "O_NOFOLLOW", "O_NONBLOCK", "close_all", "dup_into", "named", "open_into",
-           "with_path"]
+           "read_bytes", "with_path"]

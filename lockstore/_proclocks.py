@@ -36,6 +36,8 @@ from __future__ import annotations
 import os
 from typing import Final
 
+from ._os import read_bytes
+
 _PROC_LOCKS: Final = "/proc/locks"
 
 # The kernel gives the initial PID namespace this fixed inode number (PROC_PID_INIT_INO).
@@ -44,8 +46,7 @@ _INIT_PID_NS_INO: Final = 0xEFFFFFFC
 
 def _readable(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            f.read(1)
+        read_bytes(path, 1)
     except OSError:
         return False
     return True
@@ -68,8 +69,7 @@ prove a lock free. Conservative: a reader in a child namespace looking at the ho
 
 def _read() -> bytes | None:
     try:
-        with open(_PROC_LOCKS, "rb") as f:
-            return f.read()
+        return read_bytes(_PROC_LOCKS)
     except OSError:
         return None
 
@@ -154,15 +154,17 @@ def lock_dev(fd: int) -> int:
     query the same descriptor often should keep the result.
     """
     try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            mnt_id = next(line.split()[1] for line in f if line.startswith(b"mnt_id:"))
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split(maxsplit=3)
-                if fields[0] == mnt_id:
-                    major, minor = fields[2].split(b":")
-                    return os.makedev(int(major), int(minor))
-    except (OSError, StopIteration, ValueError, IndexError):
+        mnt_id = b""
+        for line in read_bytes(f"/proc/self/fdinfo/{fd}").splitlines():
+            if line.startswith(b"mnt_id:"):
+                mnt_id = line.split()[1]
+                break
+        for line in read_bytes("/proc/self/mountinfo").splitlines():
+            fields = line.split(maxsplit=3)
+            if fields[0] == mnt_id:
+                major, minor = fields[2].split(b":")
+                return os.makedev(int(major), int(minor))
+    except (OSError, ValueError, IndexError):
         pass
     return os.fstat(fd).st_dev
 

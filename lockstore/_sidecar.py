@@ -79,7 +79,7 @@ class _TimedOut(Exception):
 class _Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
 
-    __slots__ = ("external", "fds", "flocked", "key", "record_len", "refs", "released_at", "waited", "waiter",
+    __slots__ = ("external", "fds", "flocked", "key", "record_len", "refs", "released_at", "waited", "waiters",
                  "writable")
 
     def __init__(self, key: tuple[int, int]) -> None:
@@ -89,7 +89,7 @@ class _Slot(OwnerLock):
         self.fds: list[int] = []  # our descriptor of the lock file (one, or none until opened)
         self.writable = True
         self.flocked: int | None = None  # the descriptor whose flock this process holds now (ours or the waiter's)
-        self.waiter: Waiter | None = None
+        self.waiters: list[Waiter] = []  # this process's waiter thread for the file (one, or none yet)
         self.record_len = 0
         self.waited = False
         self.released_at = 0.0
@@ -98,9 +98,8 @@ class _Slot(OwnerLock):
 
     def close_files(self, *, forked: bool = False) -> None:
         """Close our descriptors and stop the waiter (never unlocks: only for an idle slot, or after fork)."""
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter.close(forked=forked)
+        while self.waiters:
+            self.waiters.pop().close(forked=forked)
         self.flocked = None
         close_all(self.fds)
 
@@ -154,6 +153,7 @@ class SidecarLock:
         self.data_path = data_path
         self._slot: _Slot | None = None
         self._fresh: _Slot | None = None  # a slot being created: its descriptor is closed if creation is cut short
+        self._probe: list[int] = []  # a descriptor opened to read who holds or waits (closed at the next read)
         # The slot this lock counts as a user of, in a box that the finalizer (which must not refer to self) shares:
         # a Store collected without close() still gives its lock file back.
         self._box: list[_Slot | None] = [None]
@@ -205,6 +205,8 @@ class SidecarLock:
         return slot
 
     def _create_slot(self) -> _Slot:
+        if self._fresh is not None:  # left by an interrupt last time
+            close_all(self._fresh.fds)
         fresh = self._fresh = _Slot((0, 0))
         try:
             self._open(fresh)
@@ -262,7 +264,7 @@ class SidecarLock:
             return False
         if (st.st_dev, st.st_ino) != slot.key:
             return False
-        waiter = slot.waiter
+        waiter = slot.waiters[0] if slot.waiters else None
         return waiter is None or slot.flocked != waiter.fd or waiter.inode == slot.key
 
     # ------------------------------------------------------------------------------------------- acquire
@@ -340,18 +342,19 @@ class SidecarLock:
                 raise named(exc, self.lock_file) from None
             return
         if _CAN_BLOCK:
-            if slot.waiter is None:
+            if not slot.waiters:
                 try:
-                    slot.waiter = Waiter(self.lock_file)
+                    # Appended by C code as it is returned: an interrupt cannot orphan a running waiter thread.
+                    slot.waiters.extend(map(Waiter, (self.lock_file,)))
                 except OSError as exc:
                     raise named(exc, self.lock_file) from None
-            waiter = slot.waiter
+            waiter = slot.waiters[0]
             slot.flocked = waiter.fd  # recorded first; the waiter's own withdrawal handles a grant that comes late
             try:
                 got = waiter.wait(_remaining(start, timeout))
             except OSError as exc:
                 slot.flocked = None
-                slot.waiter = None
+                slot.waiters.clear()
                 waiter.close()  # its thread has ended; the next wait starts a new one
                 raise named(exc, self.lock_file) from None
             if not got:
@@ -424,17 +427,21 @@ class SidecarLock:
             pass
         finally:
             try:
-                fd, slot.flocked = slot.flocked, None  # forgotten before the unlock, never after
-                slot.released_at = time.monotonic()
+                # Forgotten right before the unlock, with no call in between: a signal handler's exception can come
+                # only after a call returns, so it finds the flock either still recorded or already released.
+                fd, slot.flocked = slot.flocked, None
                 if fd is not None:
                     try:
                         _flock(fd, _LOCK_UN)
                     except OSError:
                         slot.close_files()  # closing our descriptors releases the lock whatever went wrong
             finally:
-                slot.give(held.ticket)
-                if slot.refs <= 0:
-                    _unref_idle(slot)
+                try:
+                    slot.give(held.ticket)
+                finally:
+                    slot.released_at = time.monotonic()
+                    if slot.refs <= 0:
+                        _unref_idle(slot)
 
     def close(self) -> None:
         """Stop using the lock file: the last user in this process closes its descriptors and waiter thread."""
@@ -452,33 +459,39 @@ class SidecarLock:
         return self.holder_and_staleness()[0]
 
     def holder_and_staleness(self) -> tuple[Holder | None, bool]:
+        probe = self._probe
+        close_all(probe)
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        except OSError:
-            return None, False
-        try:
+            fd = open_into(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
             st = os.fstat(fd)
             record = os.pread(fd, RECORD_MAX, 0) if stat.S_ISREG(st.st_mode) else b""
             dev = _proclocks.lock_dev(fd)
         except OSError:
             return None, False
         finally:
-            os.close(fd)
+            try:
+                close_all(probe)
+            except BaseException:
+                close_all(probe)  # an interrupt cut the first call short
+                raise
         holders = _proclocks.flock_holders(dev, st.st_ino)
         return _holder.current(record, holders)
 
     def waiters(self) -> list[Holder]:
         """The processes waiting for this lock now (Linux: from /proc/locks), oldest request first."""
+        probe = self._probe
+        close_all(probe)
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        except OSError:
-            return []
-        try:
+            fd = open_into(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
             ino, dev = os.fstat(fd).st_ino, _proclocks.lock_dev(fd)
         except OSError:
             return []
         finally:
-            os.close(fd)
+            try:
+                close_all(probe)
+            except BaseException:
+                close_all(probe)  # an interrupt cut the first call short
+                raise
         pids = _proclocks.flock_waiters(dev, ino) or []
         return [_holder.from_pid(pid) for pid in dict.fromkeys(pids)]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import copy
 import os
 import weakref
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 from . import _options
 from ._error import CorruptStoreError, TransactionLockError
 from ._formats import resolve
+from ._os import read_bytes
 from ._owners import Ticket, current_owner
 from ._target import make_storage
 from ._txn import BLOCK, COMMIT, Core, Transaction
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from ._options import OnCorrupt
 
 T = TypeVar("T")
-_builtin_open = builtins.open  # ``open`` below is the seed's name for opening a store
 
 #: Seconds a transaction waits for the lock by default. Finite so that a stuck holder turns into a
 #: ``LockTimeout`` that names it instead of a silent hang; a cron job that should queue can pass ``timeout=-1``.
@@ -30,6 +29,13 @@ DEFAULT_TIMEOUT: Final = 30.0
 #: passed as ``lock=``, or an OS without a blocking ``flock``. The native sidecar lock waits in the kernel's queue
 #: instead (prompt and fair, see ``_waiter.py``).
 DEFAULT_POLL_INTERVAL: Final = 0.05
+
+
+class _Call:
+    """Lives as long as one call's frame: what a short-lived ticket refers to, so that it counts as abandoned once
+    the call is gone (see ``_owners.Ticket``)."""
+
+    __slots__ = ("__weakref__",)
 
 
 class Store(Generic[T]):
@@ -183,7 +189,8 @@ class Store(Generic[T]):
         if core.mine(owner) is not None:
             self._load()
             return self.value
-        ticket = Ticket(owner)
+        call = _Call()
+        ticket = Ticket(owner, call)  # abandoned (and taken over) if this frame is dropped without giving it back
         corrupt = False
         try:
             core.take_guard(ticket, core.timeout)
@@ -194,7 +201,11 @@ class Store(Generic[T]):
                     raise
                 corrupt = True
         finally:
-            core.guard.give(ticket)
+            try:
+                core.guard.give(ticket)
+            except BaseException:
+                core.guard.give(ticket)  # an interrupt cut the first call short
+                raise
         if corrupt:
             self._load()
         return self.value
@@ -215,13 +226,18 @@ class Store(Generic[T]):
             core.disk, core.version = data, core.storage.save(txn.held, data)
             return
         if not core.storage.locked:
-            ticket = Ticket(owner)
+            call = _Call()
+            ticket = Ticket(owner, call)
             try:
                 core.take_guard(ticket, core.timeout)
                 data = core.encode(self.value)
                 core.disk, core.version = data, core.storage.put(data)
             finally:
-                core.guard.give(ticket)
+                try:
+                    core.guard.give(ticket)
+                except BaseException:
+                    core.guard.give(ticket)  # an interrupt cut the first call short
+                    raise
             return
         with Transaction(core, core.timeout, blocking=True, label=None, kind=COMMIT):
             pass
@@ -367,8 +383,7 @@ def read(
     if "://" in target:
         return _read_server(target, default, fmt)
     try:
-        with _builtin_open(target, "rb") as f:
-            data = f.read()
+        data = read_bytes(target)
     except FileNotFoundError:
         return copy.deepcopy(default)
     try:

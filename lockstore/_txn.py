@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from ._backend import Stored
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockstore")
 T = TypeVar("T")
 
+def _NONE() -> None:
+    return None
+
+
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
 BLOCK: Final = 0
 COMMIT: Final = 1
@@ -50,7 +56,7 @@ COMMIT: Final = 1
 class Core(Generic[T]):
     """A Store's private state and the steps every transaction path shares."""
 
-    __slots__ = ("active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
+    __slots__ = ("_active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
                  "timeout", "version")
 
     def __init__(self, store: Store[T], storage: Storage, fmt: Format, default: T, *, timeout: float,
@@ -65,7 +71,9 @@ class Core(Generic[T]):
         self.disk: bytes | None = None  # what is stored, as last read or written by this Store
         self.version: object = None
         self.guard = OwnerLock()
-        self.active: Transaction[T] | None = None  # the outermost transaction holding the Store now
+        # The outermost transaction holding the Store now, weakly: a transaction dropped without its __exit__ (an
+        # interrupt at its very start) must be collectable, so that its __del__ gives everything back.
+        self._active: Callable[[], Transaction[T] | None] = _NONE
 
     # ----------------------------------------------------------------------------------------- values
     def fresh_default(self) -> T:
@@ -119,9 +127,17 @@ class Core(Generic[T]):
         return value
 
     # ----------------------------------------------------------------------------------------- ownership
+    @property
+    def active(self) -> Transaction[T] | None:
+        return self._active()
+
+    @active.setter
+    def active(self, txn: Transaction[T] | None) -> None:
+        self._active = _NONE if txn is None else weakref.ref(txn)
+
     def mine(self, owner: object) -> Transaction[T] | None:
         """The outermost transaction of ``owner`` (or of this thread, for a task running on it) on this Store."""
-        txn = self.active
+        txn = self._active()
         if txn is None or txn.done or txn.generation != generation():
             return None
         if txn.owner == owner or txn.owner == threading.get_ident():
@@ -252,7 +268,10 @@ class Transaction(Generic[T]):
 
     def __del__(self) -> None:
         # Dropped without __exit__ (an interrupt at its very start): write nothing, give everything back.
-        if self.held is None or self.done or self.outer is not None or self.generation != generation():
+        try:
+            if self.held is None or self.done or self.outer is not None or self.generation != generation():
+                return
+        except AttributeError:  # __init__ itself was cut short: nothing was taken
             return
         try:
             self._rollback()

@@ -36,8 +36,8 @@ class Waiter:
 
     def __init__(self, lock_file: str) -> None:
         self._fds: list[int] = []
-        self.fd = open_into(self._fds, lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         try:
+            self.fd = open_into(self._fds, lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
             st = os.fstat(self.fd)
             self.inode = (st.st_dev, st.st_ino)
             self._lock = threading.RLock()

@@ -218,6 +218,28 @@ def _cmd_flock(lock_file: str) -> None:
     _wait()
 
 
+def _cmd_flock_cycles(lock_file: str) -> None:
+    """For each ``hold`` line: take a raw flock, say ``held``, keep it until a process waits for it (seen in
+    /proc/locks) or a ``release`` line comes, release it and say ``released``. A holder that hands over exactly when
+    the waiter is in the kernel's queue, again and again, without a new process each time."""
+    from lockstore import _proclocks
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    st = os.fstat(fd)
+    dev = _proclocks.lock_dev(fd)
+    for line in sys.stdin:
+        if line.strip() != "hold":
+            continue  # a "release" that came after the hand-over already happened
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        while not _proclocks.flock_waiters(dev, st.st_ino):
+            if select.select([sys.stdin], [], [], 0.0005)[0]:
+                sys.stdin.readline()
+                break
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        print("released", flush=True)
+
+
 def _cmd_try(path: str, timeout: str, soft: str = "") -> None:
     """Try one transaction; print the LockTimeout's attributes as JSON."""
     lock: object = True
@@ -274,6 +296,7 @@ COMMANDS = {
     "hold": _cmd_hold,
     "hold_in_write": _cmd_hold_in_write,
     "flock": _cmd_flock,
+    "flock_cycles": _cmd_flock_cycles,
     "try": _cmd_try,
     "holder": _cmd_holder,
     "commit": _cmd_commit,

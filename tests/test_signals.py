@@ -1,0 +1,249 @@
+"""An exception at every point where CPython can run a signal handler, in acquire, release and the write path.
+
+For each operation, k walks over every interrupt point of the operation (``_interrupt.inject``), one run each, until
+the operation completes without the exception firing. After each run: the lock is free for another process and
+for this one, no descriptor is leaked or closed twice, no temp file is left, no waiter thread is left over, the
+data file holds the old or the new value, and the next transaction builds on what is really stored. The real-signal
+stress (SIGINT bursts at random moments) is in the stress tier (``reliability/test_signals_stress.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lockstore
+from _children import Child
+from _interrupt import inject
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def waiter_threads() -> int:
+    return sum(t.name.startswith("lockstore-waiter") for t in threading.enumerate())
+
+
+def lock_is_free_for_others(lock_file: str) -> bool:
+    fd = os.open(lock_file, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases our probe
+    return True
+
+
+def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_fds: int, where: str) -> list[str]:
+    """The invariants after one interrupted (or completed) operation; returns the violations."""
+    problems: list[str] = []
+    gc.collect()
+    if not lock_is_free_for_others(str(path) + ".lock"):
+        problems.append(f"{where}: the lock is still held (seen from another open file description)")
+    temps = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
+    if temps:
+        problems.append(f"{where}: temp files left: {temps}")
+    now = lockstore.read(path)["n"]
+    if now not in (before, before + 1):
+        problems.append(f"{where}: the file holds {now}, expected {before} or {before + 1}")
+    try:
+        with store.transaction(timeout=0) as s:  # this process's slot is free, and the store sees what is stored
+            s.value["n"] += 1
+    except BaseException as exc:
+        problems.append(f"{where}: the next transaction failed: {exc!r}")
+    else:
+        if lockstore.read(path)["n"] != now + 1:
+            problems.append(f"{where}: the next transaction built on a stale value")
+    if fds() != baseline_fds:
+        problems.append(f"{where}: {fds() - baseline_fds:+d} descriptors (leaked or closed twice)")
+    if waiter_threads() > 1:
+        problems.append(f"{where}: {waiter_threads()} waiter threads")
+    return problems
+
+
+POINTS: dict[str, int] = {}
+
+
+def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object], *,
+         make: Callable[[], BaseException] = KeyboardInterrupt, limit: int = 3000) -> tuple[int, list[str]]:
+    """Inject at k = 1, 2, ... until the operation completes; return (points, violations)."""
+    operation()  # warm up: the store's descriptors (and waiter thread) are open, as in a long-running program
+    with store.transaction() as s:
+        s.value["n"] += 1
+    gc.collect()
+    baseline_fds = fds()
+    problems: list[str] = []
+    for k in range(1, limit):
+        before = lockstore.read(path)["n"]
+        fired, raised, where = inject(k, operation, make)
+        if not fired:
+            assert raised is None, raised
+            POINTS[os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]] = k - 1
+            return k - 1, problems
+        problems += check_after(store, path, before, baseline_fds, f"k={k} {where} -> {raised}")
+        if len(problems) > 20:
+            break
+    return -1, problems
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool) -> None:
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=durable)
+
+    def transaction() -> None:
+        with store.transaction() as s:
+            s.value["n"] += 1
+
+    points, problems = walk(path, store, transaction)
+    assert problems == []
+    assert points > 50  # the walk really went through acquire, write and release
+
+
+def test_interrupt_anywhere_in_a_commit(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+
+    def commit() -> None:
+        store.reload()
+        store.value["n"] += 1
+        store.commit()
+
+    points, problems = walk(path, store, commit)
+    assert problems == []
+    assert points > 30
+
+
+def test_interrupt_anywhere_in_a_nested_transaction_and_reload(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+
+    def nested() -> None:
+        with store.transaction() as s:
+            s.value["n"] += 1
+            try:
+                with store.transaction() as inner:
+                    inner.value["x"] = 1
+                    raise ValueError
+            except ValueError:
+                pass
+            store.reload()  # inside the own transaction: re-reads what is stored (the value so far is dropped)
+            s.value["n"] += 1
+
+    points, problems = walk(path, store, nested)
+    assert problems == []
+
+
+def test_interrupt_in_the_cleanup_of_a_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An ordinary error first (the rename fails), then the interrupt anywhere, including in that error's cleanup.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    real_replace = os.replace
+
+    def failing_transaction() -> None:
+        def refuse(src: Any, dst: Any) -> None:
+            raise OSError(errno.EIO, "injected")
+
+        monkeypatch.setattr(os, "replace", refuse)
+        try:
+            with store.transaction() as s:
+                s.value["n"] += 1
+        except OSError:
+            pass
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+
+    points, problems = walk(path, store, failing_transaction)
+    assert problems == []
+    assert points > 50
+
+
+def test_interrupt_anywhere_in_a_contended_wait(tmp_path: Path) -> None:
+    # Another process holds the lock; the transaction waits through the waiter thread until it is released.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False, timeout=10)
+    store.commit()
+    with Child("flock_cycles", str(path) + ".lock") as child:
+        stdin, stdout = child.proc.stdin, child.proc.stdout
+        assert stdin is not None and stdout is not None
+
+        def say(line: str) -> None:
+            stdin.write(line + "\n")
+            stdin.flush()
+
+        def contended() -> None:
+            say("hold")
+            assert stdout.readline().strip() == "held"
+            try:
+                with store.transaction() as s:
+                    s.value["n"] += 1
+            finally:
+                say("release")  # in case the transaction never got to wait
+                assert stdout.readline().strip() == "released"
+
+        points, problems = walk(path, store, contended)
+    assert problems == []
+    assert points > 50
+
+
+def test_interrupt_in_a_timed_out_wait(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+    with Child("flock", str(path) + ".lock") as child:
+        child.wait_ready()
+
+        def times_out() -> None:
+            try:
+                with store.transaction(timeout=0.01):
+                    pass
+            except lockstore.LockTimeout:
+                pass
+
+        times_out()  # warm up: the waiter thread and its descriptor exist, as in a long-running program
+        gc.collect()
+        baseline = fds()
+        for k in range(1, 2000):
+            fired, raised, where = inject(k, times_out)
+            gc.collect()
+            assert fds() == baseline, f"k={k} {where}: descriptors {fds() - baseline:+d}"
+            if not fired:
+                break
+        child.release()
+    with store.transaction(timeout=0) as s:  # nothing of ours was left holding the slot
+        s.value["n"] += 1
+    assert lockstore.read(path) == {"n": 1}
+
+
+def test_negative_control_a_release_that_can_be_cut_short_is_caught(tmp_path: Path) -> None:
+    # The walk can fail: a lock released by two steps without protection (state first, unlock later) is caught.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+    lock_file = str(path) + ".lock"
+
+    def fragile() -> None:
+        fd = os.open(lock_file, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        json.dumps({})  # an interrupt point between taking and letting go, with no cleanup around it
+        os.close(fd)
+
+    fired, _, _ = inject(1, fragile, make=KeyboardInterrupt)
+    assert not fired  # the tracer sees only lockstore's frames
+    problems: list[str] = []
+    fd = os.open(lock_file, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "interrupted" here: never released
+    problems += check_after(store, path, lockstore.read(path)["n"], fds(), "fragile")
+    os.close(fd)
+    assert any("still held" in p for p in problems)
