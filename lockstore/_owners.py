@@ -34,6 +34,8 @@ from typing import Any, Final
 _RECHECK: Final = 1.0
 
 _generation = 0
+#: ``FORKS[0]`` is :func:`generation` without a call, for code that must not offer a signal handler a point to run.
+FORKS: list[int] = [0]
 
 
 def generation() -> int:
@@ -192,6 +194,7 @@ def at_fork(hook: Callable[[], None]) -> None:
 def _after_fork_in_child() -> None:
     global _generation
     _generation += 1
+    FORKS[0] = _generation
     for hook in _AFTER_FORK:
         hook()
 
@@ -200,4 +203,4 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-__all__ = ["OwnerLock", "Ticket", "at_fork", "blocks_this_loop", "conflicts", "current_owner", "generation"]
+__all__ = ["FORKS", "OwnerLock", "Ticket", "at_fork", "blocks_this_loop", "conflicts", "current_owner", "generation"]

@@ -14,7 +14,7 @@ from ._formats import resolve
 from ._os import read_bytes
 from ._owners import Ticket, current_owner
 from ._target import make_storage
-from ._txn import BLOCK, COMMIT, Core, Transaction
+from ._txn import BLOCK, COMMIT, Core, Transaction, release_abandoned
 
 if TYPE_CHECKING:
     from ._holder import Holder
@@ -189,6 +189,7 @@ class Store(Generic[T]):
         if core.mine(owner) is not None:
             self._load()
             return self.value
+        release_abandoned()
         call = _Call()
         ticket = Ticket(owner, call)  # abandoned (and taken over) if this frame is dropped without giving it back
         corrupt = False

@@ -22,7 +22,9 @@ Rules that hold everywhere (and are tested):
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import queue
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from ._backend import Stored
 from ._error import CorruptStoreError, DurabilityUnknownError, LockReentryError, LockTimeout, SerializationError
-from ._owners import OwnerLock, Ticket, blocks_this_loop, current_owner, generation
+from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation
 from ._savepoint import Savepoint
 
 if TYPE_CHECKING:
@@ -48,6 +50,33 @@ def _NONE() -> None:
     return None
 
 
+#: Transactions dropped without their ``__exit__``, waiting to be released by the next lockstore call of this
+#: process (see Transaction._arm). A SimpleQueue: its ``put`` is safe inside a weak-reference callback, which may run
+#: in the middle of any code, lockstore's own locks held included.
+_ABANDONED: queue.SimpleQueue[tuple[Core[Any], object]] = queue.SimpleQueue()
+
+
+def _forget_abandoned() -> None:
+    global _ABANDONED
+    _ABANDONED = queue.SimpleQueue()  # a child does not release what its parent holds
+
+
+at_fork(_forget_abandoned)
+
+
+def release_abandoned() -> None:
+    """Give back what dropped transactions held (nothing is written; the value is left to the next refresh)."""
+    while not _ABANDONED.empty():
+        try:
+            core, held = _ABANDONED.get_nowait()
+        except queue.Empty:
+            return
+        ticket = core.guard.ticket
+        if ticket is not None and ticket.abandoned():
+            core.guard.give(ticket)
+        core.storage.release(held)
+
+
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
 BLOCK: Final = 0
 COMMIT: Final = 1
@@ -57,7 +86,7 @@ class Core(Generic[T]):
     """A Store's private state and the steps every transaction path shares."""
 
     __slots__ = ("_active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
-                 "timeout", "version")
+                 "timeout", "version", "watches")
 
     def __init__(self, store: Store[T], storage: Storage, fmt: Format, default: T, *, timeout: float,
                  poll_interval: float, on_corrupt: OnCorrupt) -> None:
@@ -72,8 +101,9 @@ class Core(Generic[T]):
         self.version: object = None
         self.guard = OwnerLock()
         # The outermost transaction holding the Store now, weakly: a transaction dropped without its __exit__ (an
-        # interrupt at its very start) must be collectable, so that its __del__ gives everything back.
+        # interrupt at its very start) must be collectable, so that its watch gives everything back.
         self._active: Callable[[], Transaction[T] | None] = _NONE
+        self.watches: set[weakref.ref[Transaction[T]]] = set()  # see Transaction._arm
 
     # ----------------------------------------------------------------------------------------- values
     def fresh_default(self) -> T:
@@ -158,7 +188,7 @@ class Transaction(Generic[T]):
     """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
 
     __slots__ = ("__weakref__", "blocking", "core", "done", "generation", "guard_ticket", "held", "kind", "label",
-                 "outer", "owner", "savepoint", "timeout")
+                 "outer", "owner", "savepoint", "timeout", "watch")
 
     def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
         self.core = core
@@ -173,6 +203,7 @@ class Transaction(Generic[T]):
         self.outer: Transaction[T] | None = None
         self.savepoint: Savepoint | None = None
         self.done = False
+        self.watch: weakref.ref[Transaction[T]] | None = None
 
     # ----------------------------------------------------------------------------------------- shared steps
     def _join(self, outer: Transaction[T]) -> Store[T]:
@@ -192,8 +223,8 @@ class Transaction(Generic[T]):
         core.take_guard(ticket, self.timeout)
         core.active = self
 
-    def _refreshed(self, stored: Stored | None) -> bool:
-        """Make the store's value what is stored; True when the stored value must be set aside (corrupt)."""
+    def _refreshed(self, stored: Stored | None) -> CorruptStoreError | None:
+        """Make the store's value what is stored; the decoding error when it must be set aside (``backup``)."""
         core = self.core
         store = core.store
         if stored is None:
@@ -201,16 +232,18 @@ class Transaction(Generic[T]):
             baseline = core.baseline()
             if baseline is None or core.encoded(store.value) != baseline:
                 core.restore(core.stored_value())
-            return False
+            return None
         try:
             store.value = core.accept(stored)
-        except CorruptStoreError:
+        except CorruptStoreError as exc:
             if core.on_corrupt == "raise":
                 raise
-            return True
-        return False
+            return exc
+        return None
 
-    def _set_aside_done(self, aside: str | None) -> None:
+    def _set_aside_done(self, aside: str | None, error: CorruptStoreError) -> None:
+        if aside is None:
+            raise error  # this storage cannot move a value aside: never overwrite it
         core = self.core
         core.disk, core.version = None, None
         core.store.value = core.fresh_default()
@@ -260,24 +293,34 @@ class Transaction(Generic[T]):
                 core.storage.release(self.held)
 
     def _end(self) -> None:
-        try:
-            self._release()
-        except BaseException:
-            self._release()  # idempotent: finishes what an interrupt cut short
-            raise
+        """Release (idempotent) and disarm. Callers retry a call cut short, even at its very start:
+        ``try: self._end() except BaseException: self._end(); raise``."""
+        self._release()
+        self._disarm()
 
-    def __del__(self) -> None:
-        # Dropped without __exit__ (an interrupt at its very start): write nothing, give everything back.
-        try:
-            if self.held is None or self.done or self.outer is not None or self.generation != generation():
-                return
-        except AttributeError:  # __init__ itself was cut short: nothing was taken
-            return
-        try:
-            self._rollback()
-        except Exception:
-            pass
-        self._end()
+    def _arm(self) -> None:
+        """Give everything back if this object is dropped while it holds something (see the module docstring).
+
+        The weak reference is kept by the Store, never by this object: the garbage collector does not call the
+        callback of a weak reference that is itself part of the garbage.
+        """
+        # The callback is C code (SimpleQueue.put, given the weak reference as its ignored ``block`` argument): no
+        # Python frame whose start a signal handler's exception could cut short, and no lock taken inside whatever
+        # code the collector interrupts.
+        self.watch = weakref.ref(self, functools.partial(_ABANDONED.put, (self.core, self.held)))
+        self.core.watches.add(self.watch)  # dropped again by _disarm, or (dead) by the next _arm
+
+    def _disarm(self) -> None:
+        self.core.watches.discard(self.watch)
+
+    def _begin(self) -> None:
+        """Before taking anything: release what dropped transactions left, and forget their watches."""
+        if not _ABANDONED.empty():
+            release_abandoned()
+        watches = self.core.watches
+        if watches and len(watches) > 4:
+            for watch in [w for w in watches if w() is None]:
+                watches.discard(watch)
 
     # ----------------------------------------------------------------------------------------- sync
     def __enter__(self) -> Store[T]:
@@ -289,16 +332,22 @@ class Transaction(Generic[T]):
         self.owner = owner
         self.generation = generation()
         storage = core.storage
+        self._begin()
         try:
             self.held = storage.held(owner, self)
+            self._arm()
             storage.acquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
             self._guarded()
             if self.kind == BLOCK:
-                stored = storage.fetch(self.held, core.version)
-                if self._refreshed(stored):
-                    self._set_aside_done(storage.set_aside(self.held))
+                corrupt = self._refreshed(storage.fetch(self.held, core.version))
+                if corrupt is not None:
+                    self._set_aside_done(storage.set_aside(self.held), corrupt)
         except BaseException:
-            self._end()
+            try:
+                self._end()
+            except BaseException:
+                self._end()  # an interrupt cut the first call short
+                raise
             raise
         return core.store
 
@@ -307,7 +356,8 @@ class Transaction(Generic[T]):
         if self.outer is not None:
             self._leave_nested(exc_type is not None)
             return
-        if self.generation != generation():
+        # Checked without a call: a child must never release its parent's lock, whatever interrupts it here.
+        if self.generation != FORKS[0]:
             self._forked_exit()
             return
         try:
@@ -327,7 +377,11 @@ class Transaction(Generic[T]):
             self._rollback()
             raise
         finally:
-            self._end()
+            try:
+                self._end()
+            except BaseException:
+                self._end()  # an interrupt cut the first call short
+                raise
 
     # ----------------------------------------------------------------------------------------- async
     async def __aenter__(self) -> Store[T]:
@@ -341,14 +395,16 @@ class Transaction(Generic[T]):
         self.owner = owner
         self.generation = generation()
         storage = core.storage
+        self._begin()
         try:
             self.held = storage.held(owner, self)
+            self._arm()
             await storage.aacquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
             await in_thread(self._guarded)
             if self.kind == BLOCK:
-                stored = await storage.afetch(self.held, core.version)
-                if await in_thread(self._refreshed, stored):
-                    self._set_aside_done(await storage.aset_aside(self.held))
+                corrupt = await in_thread(self._refreshed, await storage.afetch(self.held, core.version))
+                if corrupt is not None:
+                    self._set_aside_done(await storage.aset_aside(self.held), corrupt)
         except BaseException:
             await settle(self._aend())
             raise
@@ -361,7 +417,7 @@ class Transaction(Generic[T]):
         if self.outer is not None:
             self._leave_nested(exc_type is not None)
             return
-        if self.generation != generation():
+        if self.generation != FORKS[0]:
             self._forked_exit()
             return
         try:
@@ -395,6 +451,7 @@ class Transaction(Generic[T]):
         finally:
             if self.held is not None:
                 await core.storage.arelease(self.held)
+        self._disarm()
 
 
 __all__ = ["BLOCK", "COMMIT", "Core", "Transaction"]

@@ -29,11 +29,15 @@ _CALLS = frozenset(name for name in dis.opname if name.startswith("CALL") or nam
 _BACK = frozenset(name for name in dis.opname if name.startswith("JUMP_BACKWARD"))
 
 
+#: lockstore's functions that only the garbage collector calls (weak-reference callbacks and finalizers).
+_FINALIZERS = frozenset({"__del__", "_let_slot_go"})
+
+
 def _in_finalizer(frame: FrameType | None) -> bool:
     """Whether a garbage collector's finalizer runs this frame: Python prints and drops any exception there (it
     cannot reach the interrupted program), so those frames are not the operation's own points."""
     while frame is not None:
-        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename.endswith("weakref.py"):
+        if frame.f_code.co_name in _FINALIZERS or frame.f_code.co_filename.endswith("weakref.py"):
             return True
         frame = frame.f_back
     return False

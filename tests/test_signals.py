@@ -49,7 +49,11 @@ def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_f
     """The invariants after one interrupted (or completed) operation; returns the violations."""
     problems: list[str] = []
     gc.collect()
-    if not lock_is_free_for_others(str(path) + ".lock"):
+    # One point cannot be covered from inside: the first instruction of __exit__ (the with statement calls it; an
+    # exception there never enters its body). Then the dropped transaction is released by this process's next
+    # lockstore call, which the check below makes; everywhere else the lock is free before the exception arrives.
+    deferred = "__exit__ at the start" in where
+    if not deferred and not lock_is_free_for_others(str(path) + ".lock"):
         problems.append(f"{where}: the lock is still held (seen from another open file description)")
     temps = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
     if temps:
@@ -65,6 +69,8 @@ def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_f
     else:
         if lockstore.read(path)["n"] != now + 1:
             problems.append(f"{where}: the next transaction built on a stale value")
+    if not lock_is_free_for_others(str(path) + ".lock"):
+        problems.append(f"{where}: the lock is still held after the next lockstore call")
     if fds() != baseline_fds:
         problems.append(f"{where}: {fds() - baseline_fds:+d} descriptors (leaked or closed twice)")
     if waiter_threads() > 1:
