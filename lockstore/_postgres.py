@@ -4,26 +4,27 @@
 parameters work, e.g. ``?sslmode=require&connect_timeout=5``).
 
 - Schema: ``key text PRIMARY KEY, value bytea, version bigint, updated_at timestamptz``, created by the first
-  transaction that finds it missing (under an advisory lock, so concurrent creators never fail). ``value`` holds the
-  encoded bytes of any format; a JSON store reads in psql as ``convert_from(value, 'UTF8')``.
-- A transaction is one SQL transaction on the Store's connection, in two round trips: ``BEGIN; SET LOCAL
-  lock_timeout ...; SELECT ... FOR UPDATE`` (which skips the value when it is the one this Store last saw), then
-  ``UPDATE ...; COMMIT`` when the value changed, else ``ROLLBACK``. A missing row is inserted as a placeholder in
-  the same SQL transaction, so a transaction that changes nothing leaves no row behind.
+  transaction that finds it missing (under an advisory lock: concurrent ``CREATE TABLE IF NOT EXISTS`` collide in
+  the catalog). ``value`` holds the encoded bytes of any format; a JSON store reads in psql as
+  ``convert_from(value, 'UTF8')``.
+- A transaction is one SQL transaction on the Store's connection, in two round trips of prepared statements sent as
+  one pipeline each: BEGIN, the time limits, ``SELECT ... FOR UPDATE`` (which returns the value unless it is the
+  version this Store last saw); then ``UPDATE ...; COMMIT`` when the value changed, else ROLLBACK. A missing row is
+  inserted as a placeholder in the same SQL transaction, so a transaction that changes nothing leaves no row.
 - Versions are (version, xmin): every write of the row, lockstore's or another client's, changes its xmin, so a
   value written behind lockstore's back (psql) is always re-read, never overwritten unseen.
-- Timeouts: ``lock_timeout`` (0 tries once: ``NOWAIT``; negative: no limit), plus a slightly longer
-  ``statement_timeout``, because a waiter queued behind another waiter waits for two locks in one statement.
-  SQLSTATE 55P03 (or that statement timeout) becomes a LockTimeout naming the holder.
+- Timeouts: ``lock_timeout`` (0 tries once: ``NOWAIT``; negative: no limit), plus a ``statement_timeout`` a little
+  longer for the locking statement alone, because a waiter queued behind another waiter waits for two locks in one
+  statement. SQLSTATE 55P03 (or that statement timeout) becomes a LockTimeout naming the holder.
 - Holder: each session's ``application_name`` is ``lockstore PID@HOST``, plus `` LABEL`` during a labelled
   transaction (cut to PostgreSQL's 63 bytes). ``holder()`` reads the row's ``xmax`` (the locking transaction), the
   backend holding that transaction's lock in ``pg_locks`` and its ``pg_stat_activity`` row: no waiting, no lock. A
   holder still inserting the row (it did not exist) is found through an advisory lock it takes for that purpose.
-  ``waiters()`` follows ``pg_blocking_pids()`` back to the holder.
+  ``waiters()`` follows ``pg_blocking_pids()`` back to the holder, oldest request first.
 - In one process, threads and tasks first queue on an OwnerLock per row (first come, first served;
   LockReentryError for a second Store of the same owner), so one connection per Store serves its transactions;
   lock-free reads use it when it is idle and a second connection while a transaction holds it. asyncio uses one
-  ``AsyncConnection`` per Store and event loop.
+  ``AsyncConnection`` per Store and event loop (and a second for lock-free reads during a transaction).
 - Durability: with ``durable=True`` every new session checks ``fsync`` and ``synchronous_commit`` and refuses a
   server that acknowledges commits before flushing them (NotDurableError); ``durable=False`` sets
   ``synchronous_commit = off`` for its sessions (a server crash may lose the last commits, never tear one).
@@ -53,21 +54,22 @@ import time
 import urllib.parse
 import weakref
 import zlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any, Final, TypeAlias, TypeVar
 
 try:
     import psycopg
-    from psycopg import pq, sql
+    from psycopg import generators, pq, sql
 except ImportError as exc:  # pragma: no cover - tested in a subprocess
     raise ImportError('a PostgreSQL store (postgresql://, postgres:// targets) needs the psycopg package: '
                       'pip install "lockstore[postgres]"', name="psycopg") from exc
 
 from . import _holder
 from ._backend import Stored
-from ._holder import Holder
 from ._error import LockLost, LockReentryError, LockTimeout, NotDurableError
-from ._owners import OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation
+from ._holder import Holder
+from ._owners import OwnerLock, Ticket, at_fork, conflicts, current_owner
 from ._target import ServerTarget, mask, parse_server
 
 log = logging.getLogger("lockstore")
@@ -83,8 +85,8 @@ _CLIENT_KEEPALIVES: Final = {"keepalives": "1", "keepalives_idle": "30", "keepal
 #: vanished client's row lock is freed in ~1 min, not after the OS's 2 hours of keepalive silence.
 _SERVER_SETTINGS: Final = (("tcp_keepalives_idle", "30"), ("tcp_keepalives_interval", "10"),
                            ("tcp_keepalives_count", "3"), ("client_connection_check_interval", "2000"))
-#: Values up to this size are sent inline (hex) with the COMMIT in one round trip; larger ones as a binary parameter.
-INLINE_MAX: Final = 65536
+#: Values larger than this are read by a statement of their own after the lock's (see ``PgStorage._statements``).
+_SPLIT: Final = 256 * 1024
 #: PostgreSQL keeps this many bytes of application_name (NAMEDATALEN - 1).
 _APP_NAME_MAX: Final = 63
 #: Longest blocking wait of an asyncio task in a helper thread (for this process's other threads): how long a
@@ -94,9 +96,13 @@ _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
 _RECORD: Final = re.compile(r"lockstore (\d+)@(\S*)(?: (.*))?\Z", re.S)
 #: SQLSTATEs of a session the server ended (admin shutdown, crash, terminated backend, idle-in-transaction timeout).
 _SESSION_ENDED: Final = ("57P01", "57P02", "57P03", "25P03", "57P05")
+#: How the server words a refused connection (before any session exists there is no SQLSTATE to go by).
+_REFUSED: Final = ("authentication failed", "no password supplied", "pg_hba.conf", "permission denied",
+                   "role", "not permitted", "password")
 _WARNED: set[str] = set()
 
-_Query: TypeAlias = "str | tuple[str, tuple[Any, ...]]"
+_Cmd: TypeAlias = "tuple[bytes, tuple[bytes | None, ...], tuple[int, ...] | None]"
+_Query: TypeAlias = "str | list[_Cmd]"
 _Steps: TypeAlias = Generator[_Query, "_Result", _T]
 _Row: TypeAlias = tuple[Any, ...]
 _Token: TypeAlias = tuple[int, int]
@@ -134,10 +140,6 @@ def _literal(text: str) -> str:
     return f"E'{quoted.replace(chr(92), chr(92) * 2)}'" if "\\" in quoted else f"'{quoted}'"
 
 
-def _bytea(data: bytes) -> str:
-    return f"E'\\\\x{data.hex()}'::bytea"
-
-
 def _int4(text: str) -> int:
     """A stable signed 32-bit number for ``text`` (advisory lock keys)."""
     n = zlib.crc32(text.encode())
@@ -166,13 +168,9 @@ def _left(start: float, wait: float) -> float:
     return -1.0 if wait < 0 else max(0.0, start + wait - time.monotonic())
 
 
-def _conflicts(holder: object, owner: object) -> bool:
-    """Whether ``owner`` waiting for what ``holder`` holds would wait for itself (see ``_owners``)."""
-    return holder is not None and (holder == owner or holder == threading.get_ident() or blocks_this_loop(holder))
-
-
 class _Result:
-    """What one round trip returned: the rows of each row-returning statement, and the last command's status."""
+    """What one round trip returned: for each statement, its rows (text values as bytes, or None), and the last
+    statement's command status."""
 
     __slots__ = ("sets", "status")
 
@@ -180,67 +178,109 @@ class _Result:
         self.sets = sets
         self.status = status
 
-
-def _run(conn: psycopg.Connection[Any], query: _Query) -> _Result:
-    cur = conn.cursor()
-    if isinstance(query, tuple):
-        cur.execute(query[0].encode(), query[1])
-    else:
-        cur.execute(query.encode())
-    sets: list[list[_Row]] = []
-    while True:
-        if cur.description is not None:
-            sets.append(cur.fetchall())
-        status = cur.statusmessage
-        if not cur.nextset():
-            return _Result(sets, status)
+    def rows(self, index: int = 0) -> list[_Row]:
+        return self.sets[index] if len(self.sets) > index else []
 
 
-async def _arun(conn: psycopg.AsyncConnection[Any], query: _Query) -> _Result:
-    cur = conn.cursor()
-    if isinstance(query, tuple):
-        await cur.execute(query[0].encode(), query[1])
-    else:
-        await cur.execute(query.encode())
-    sets: list[list[_Row]] = []
-    while True:
-        if cur.description is not None:
-            sets.append(await cur.fetchall())
-        status = cur.statusmessage
-        if not cur.nextset():
-            return _Result(sets, status)
+# Straight to libpq through psycopg's own I/O generators (waited for by ``conn.wait``, which on Ctrl-C or a task's
+# cancellation cancels the query on the server first). A transaction's statements are prepared once per connection
+# and sent as one pipeline per round trip: parsing and planning them every time would cost more than running them.
+_TUPLES_OK: Final = pq.ExecStatus.TUPLES_OK
+_FATAL: Final = (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.BAD_RESPONSE, pq.ExecStatus.NONFATAL_ERROR)
+_SYNC: Final = pq.ExecStatus.PIPELINE_SYNC
 
 
-def _drive(conn: psycopg.Connection[Any], steps: _Steps[_T]) -> _T:
-    """Run ``steps`` (a generator of queries that receives their results, or their psycopg errors) on ``conn``."""
+def _pipelines() -> bool:
     try:
-        query = next(steps)
-        while True:
-            try:
-                result = _run(conn, query)
-            except psycopg.Error as exc:
-                query = steps.throw(exc)
-            else:
-                query = steps.send(result)
-    except StopIteration as stop:
-        value: _T = stop.value
-        return value
+        return bool(psycopg.Pipeline.is_supported())
+    except Exception:  # pragma: no cover - an old psycopg
+        return False
 
 
-async def _adrive(conn: psycopg.AsyncConnection[Any], steps: _Steps[_T]) -> _T:
-    """:func:`_drive` on an AsyncConnection: the same steps, awaited."""
-    try:
-        query = next(steps)
-        while True:
-            try:
-                result = await _arun(conn, query)
-            except psycopg.Error as exc:
-                query = steps.throw(exc)
-            else:
-                query = steps.send(result)
-    except StopIteration as stop:
-        value: _T = stop.value
-        return value
+_PIPELINE: Final = _pipelines()
+
+
+def _round_trip(pgconn: Any, sends: list[Callable[[], None]]) -> Generator[Any, Any, list[Any]]:
+    """Send the messages ``sends`` queue (prepared statements, or statements to prepare) and collect one result
+    each: as one pipeline, or one after the other where libpq has no pipeline mode (stopping at the first error)."""
+    results: list[Any] = []
+    if not _PIPELINE:
+        for send in sends:
+            send()
+            got = yield from generators.execute(pgconn)
+            results += got
+            if any(r.status in _FATAL for r in got):
+                break
+        return results
+    pgconn.enter_pipeline_mode()
+    for send in sends:
+        send()
+    pgconn.pipeline_sync()
+    yield from generators.send(pgconn)
+    for _ in range(2 * len(sends) + 2):
+        got = yield from generators.fetch_many(pgconn)
+        if got and got[-1].status == _SYNC:
+            pgconn.exit_pipeline_mode()
+            return results
+        results += got
+    raise psycopg.OperationalError("lockstore: the pipeline's results did not end")  # pragma: no cover
+
+
+def _batch(pgconn: Any, commands: list[_Cmd]) -> Generator[Any, Any, list[Any]]:
+    """Run prepared ``commands`` (name, parameters, formats) in one round trip; one result each."""
+    send = pgconn.send_query_prepared
+    return _round_trip(pgconn, [partial(send, name, params, param_formats=formats) for name, params, formats in
+                                commands])
+
+
+def _prepare(pgconn: Any, statements: list[tuple[bytes, bytes]]) -> Generator[Any, Any, list[Any]]:
+    """Prepare ``statements`` (name, text) in one round trip; one result each (some may have failed)."""
+    return _round_trip(pgconn, [partial(pgconn.send_prepare, name, text) for name, text in statements])
+
+
+def _text_query(pgconn: Any, text: str) -> Generator[Any, Any, list[Any]]:
+    """A simple query (several statements, no parameters): for what runs rarely (diagnostics, DDL)."""
+    pgconn.send_query(text.encode())
+    results: list[Any] = yield from generators.execute(pgconn)
+    return results
+
+
+def _collect(results: list[Any], encoding: str) -> _Result:
+    """The rows of each result; raises the first error (after every result was read: the connection is clean)."""
+    sets: list[list[_Row]] = []
+    status: bytes | None = None
+    error = None
+    for res in results:
+        if res.status == _TUPLES_OK:
+            fields = range(res.nfields)
+            sets.append([tuple(res.get_value(r, c) for c in fields) for r in range(res.ntuples)])
+        else:
+            sets.append([])
+            if error is None and res.status in _FATAL:
+                error = res
+        status = res.command_status
+    if error is not None:
+        raise psycopg.errors.error_from_result(error, encoding=encoding)
+    return _Result(sets, None if status is None else status.decode())
+
+
+_ESCAPING: Final = pq.Escaping()
+#: How a transaction ends: ROLLBACK, or COMMIT (of a value set aside, when nothing else was written).
+_ENDS: Final = {False: b"lockstore_rollback", True: b"lockstore_commit"}
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _value(value: bytes | None) -> bytes | None:
+    """A bytea column in text form (hex, or the old escape format) as bytes."""
+    return None if value is None else _ESCAPING.unescape_bytea(value)
+
+
+def _usable(conn: Any) -> bool:
+    """Whether ``conn`` is open and between two round trips (not left in a pipeline by an interrupt)."""
+    return not conn.closed and conn.pgconn.pipeline_status == pq.PipelineStatus.OFF
 
 
 def lost(exc: psycopg.Error) -> bool:
@@ -266,16 +306,21 @@ def _drop_inherited(pgconn: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ per process
-_SLOTS: weakref.WeakValueDictionary[tuple[object, ...], OwnerLock] = weakref.WeakValueDictionary()
+class _Slot(OwnerLock):
+    """One row in this process: who holds it here (shared by every Store on it, kept while one is open)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_SLOTS: weakref.WeakValueDictionary[tuple[object, ...], _Slot] = weakref.WeakValueDictionary()
 _SLOTS_LOCK = threading.Lock()
 
 
-def _slot(identity: tuple[object, ...]) -> OwnerLock:
-    """The OwnerLock of one row in this process (shared by every Store on it)."""
+def _slot(identity: tuple[object, ...]) -> _Slot:
     with _SLOTS_LOCK:
         found = _SLOTS.get(identity)
         if found is None:
-            found = _SLOTS[identity] = OwnerLock()
+            found = _SLOTS[identity] = _Slot()
         return found
 
 
@@ -356,7 +401,7 @@ class PgHeld:
         self.conn: Any = None  # the connection whose SQL transaction this is, set before BEGIN is sent
         self.state: _LoopState | None = None  # asyncio: the loop's connections
         self.turn: _Turn | None = None  # asyncio: this loop's turn for the row
-        self.row: _Row | None = None  # what SELECT ... FOR UPDATE returned
+        self.row: tuple[bytes | None, int, int, bool] | None = None  # FOR UPDATE: value, version, xmin, skipped
         self.wait = 0.0
         self.label: str | None = None
         self.committed = False
@@ -385,6 +430,11 @@ class PgStorage:
         self._params = params
         self._t = sql.Identifier(*table).as_string(None)
         self._k = _literal(server.key)
+        self._kb = server.key.encode()
+        self._sql = self._statements()
+        self._prepared: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
+        self._statement_timeout = b"0"
+        self._size = 0  # of the value this Store last read or wrote
         self._tag = (_int4(f"lockstore:{self.table}"), _int4(server.key))
         self._identity: tuple[object, ...] = (
             params.get("host") or os.environ.get("PGHOST", ""), params.get("port") or os.environ.get("PGPORT", ""),
@@ -424,12 +474,13 @@ class PgStorage:
         text = self._scrub(str(exc))
         state = exc.sqlstate or ""
         err: OSError
-        if state.startswith("28") or state == "42501":
+        lower = text.lower()
+        # A failed connection has no SQLSTATE (libpq reports it as text): told apart by the server's words.
+        if state.startswith("28") or state == "42501" or (not state and any(w in lower for w in _REFUSED)):
             err, code = PermissionError(f"{self.target}: {doing}: the server refused us: {text}"), errno.EACCES
-        elif state == "3D000":
+        elif state == "3D000" or (not state and "database" in lower and "does not exist" in lower):
             err, code = FileNotFoundError(f"{self.target}: {doing}: {text}"), errno.ENOENT
         elif lost(exc):
-            lower = text.lower()
             code = errno.ETIMEDOUT if "timeout" in lower else errno.ECONNREFUSED if "refused" in lower else (
                 errno.ECONNABORTED)
             if unknown:
@@ -442,7 +493,8 @@ class PgStorage:
             err, code = OSError(f"{self.target}: {doing}: PostgreSQL error {state or type(exc).__name__}: {text}"), (
                 errno.EIO)
         err.errno = code
-        err.__cause__ = exc if text.endswith(" ".join(str(exc).split())) else None
+        # The cause without its traceback: psycopg's connect() frames hold the conninfo, password included.
+        err.__cause__ = exc.with_traceback(None) if text.endswith(" ".join(str(exc).split())) else None
         err.__suppress_context__ = True
         return err
 
@@ -462,7 +514,8 @@ class PgStorage:
         parts = [] if self.durable else ["SET synchronous_commit = off"]
         parts.append(f"SELECT set_config(s.name, w.v, false) FROM (VALUES {settings}) AS w(name, v) "
                      "JOIN pg_settings s ON s.name = w.name WHERE s.setting = '0'")
-        parts.append("SELECT current_setting('fsync', true), current_setting('synchronous_commit', true)")
+        parts.append("SELECT current_setting('fsync', true), current_setting('synchronous_commit', true), "
+                     "current_setting('statement_timeout')")
         return "; ".join(parts)
 
     def _setup_steps(self) -> _Steps[None]:
@@ -473,9 +526,11 @@ class PgStorage:
                 raise self.error(exc, "connecting") from None
             self._warn(f"cannot apply its session settings ({self._scrub(str(exc))})")
             return
+        row = (result.rows(len(result.sets) - 1) or [(None, None)])[0]
+        if len(row) > 2 and row[2] is not None:
+            self._statement_timeout = row[2]  # the session's own, restored once the row is locked
         if self.durable:
-            row = result.sets[-1][0] if result.sets and result.sets[-1] else (None, None)
-            self._check_durable(row[0], row[1])
+            self._check_durable(_text(row[0]), _text(row[1]))
 
     def _check_durable(self, fsync: str | None, sync_commit: str | None) -> None:
         if fsync is None or sync_commit is None:
@@ -506,11 +561,109 @@ class PgStorage:
         if failure is not None:
             raise failure  # outside the except block: psycopg's error is attached only if it showed no secret
         try:
-            _drive(conn, self._setup_steps())
+            self._drive(conn, self._setup_steps())
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _statements(self) -> dict[bytes, bytes]:
+        """The prepared statements of a transaction (prepared on each connection at its first use)."""
+        t = self._t
+        # The lock restores the session's statement_timeout as it runs (for the statements after it), and returns
+        # the value unless it is the version this Store last saw ($3, $4). For a large value (_SPLIT) the value is
+        # read by a statement of its own, so that sending it never counts against the wait's statement_timeout.
+        same = "version = $3::bigint AND xmin = $4::xid"
+        same2 = "version = $2::bigint AND xmin = $3::xid"
+        bare = f"SELECT version, xmin::text, set_config('statement_timeout', $2, true) FROM {t} WHERE key = $1"
+        lock = bare.replace(" FROM ", f", CASE WHEN {same} THEN NULL ELSE value END, {same} FROM ")
+        tag = lock.replace(" FROM ", ", pg_try_advisory_xact_lock($5::int4, $6::int4) FROM ")  # see _holder_query
+        returning = "RETURNING version, xmin::text"
+        texts = {  # those that need no table first: a missing table fails the others, not these
+            "begin": "BEGIN", "commit": "COMMIT", "rollback": "ROLLBACK",
+            "timeouts": "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+            "timeouts_named": "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), "
+                              "set_config('application_name', $3, true)",
+            "lock": f"{lock} FOR UPDATE", "lock_nowait": f"{lock} FOR UPDATE NOWAIT",
+            "lock_tag": f"{tag} FOR UPDATE", "lock_tag_nowait": f"{tag} FOR UPDATE NOWAIT",
+            "lock_bare": f"{bare} FOR UPDATE", "lock_bare_nowait": f"{bare} FOR UPDATE NOWAIT",
+            "read": f"SELECT CASE WHEN {same2} THEN NULL ELSE value END, {same2} FROM {t} WHERE key = $1",
+            "insert": f"INSERT INTO {t} (key, value, version, updated_at) VALUES ($1, NULL, 0, now()) "
+                      "ON CONFLICT (key) DO NOTHING",
+            "update": f"UPDATE {t} SET value = $1, version = version + 1, updated_at = now() WHERE key = $2 "
+                      f"{returning}",
+            "recreate": f"INSERT INTO {t} (key, value, version, updated_at) VALUES ($2, $1, $3::bigint, now()) "
+                        f"{returning}",
+            "load": f"SELECT value, version, xmin::text FROM {t} WHERE key = $1",
+            "value": f"SELECT value FROM {t} WHERE key = $1",
+        }
+        return {f"lockstore_{name}".encode(): text.encode() for name, text in texts.items()}
+
+    def _unprepared(self, conn: Any, query: list[_Cmd]) -> list[tuple[bytes, bytes]]:
+        """All statements ``conn`` has not prepared yet, when ``query`` needs one of them (one round trip for all)."""
+        done = self._prepared.get(conn)
+        if done is None:
+            done = self._prepared[conn] = set()
+        elif all(name in done for name, _, _ in query):
+            return []
+        if query[0][0] != b"lockstore_begin":  # a lock-free read: a connection for it alone (lockstore.read())
+            return [(name, self._sql[name]) for name, _, _ in query if name not in done]
+        return [(name, text) for name, text in self._sql.items() if name not in done]
+
+    def _prepared_now(self, conn: Any, statements: list[tuple[bytes, bytes]], results: list[Any]) -> None:
+        done = self._prepared.setdefault(conn, set())
+        for (name, _), res in zip(statements, results, strict=False):
+            if res.status == pq.ExecStatus.COMMAND_OK:
+                done.add(name)
+        _collect(results, "utf-8")  # raises the first failure (a missing table: the caller creates it)
+
+    def _run(self, conn: psycopg.Connection[Any], query: _Query) -> _Result:
+        with conn.lock:
+            pgconn = conn.pgconn
+            if isinstance(query, str):
+                return _collect(conn.wait(_text_query(pgconn, query)), "utf-8")
+            if statements := self._unprepared(conn, query):
+                self._prepared_now(conn, statements, conn.wait(_prepare(pgconn, statements)))
+            return _collect(conn.wait(_batch(pgconn, query)), "utf-8")
+
+    async def _arun(self, conn: psycopg.AsyncConnection[Any], query: _Query) -> _Result:
+        async with conn.lock:
+            pgconn = conn.pgconn
+            if isinstance(query, str):
+                return _collect(await conn.wait(_text_query(pgconn, query)), "utf-8")
+            if statements := self._unprepared(conn, query):
+                self._prepared_now(conn, statements, await conn.wait(_prepare(pgconn, statements)))
+            return _collect(await conn.wait(_batch(pgconn, query)), "utf-8")
+
+    def _drive(self, conn: psycopg.Connection[Any], steps: _Steps[_T]) -> _T:
+        """Run ``steps`` (a generator of queries that receives their results, or their psycopg errors) on ``conn``."""
+        try:
+            query = next(steps)
+            while True:
+                try:
+                    result = self._run(conn, query)
+                except psycopg.Error as exc:
+                    query = steps.throw(exc)
+                else:
+                    query = steps.send(result)
+        except StopIteration as stop:
+            value: _T = stop.value
+            return value
+
+    async def _adrive(self, conn: psycopg.AsyncConnection[Any], steps: _Steps[_T]) -> _T:
+        """:meth:`_drive` on an AsyncConnection: the same steps, awaited."""
+        try:
+            query = next(steps)
+            while True:
+                try:
+                    result = await self._arun(conn, query)
+                except psycopg.Error as exc:
+                    query = steps.throw(exc)
+                else:
+                    query = steps.send(result)
+        except StopIteration as stop:
+            value: _T = stop.value
+            return value
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
@@ -537,7 +690,9 @@ class PgStorage:
         """The Store's connection (reconnecting when it is new, broken or was closed)."""
         self._check_fork()
         conn = self._conn
-        if conn is None or conn.closed:
+        if conn is None or not _usable(conn):
+            if conn is not None:
+                self._discard(conn)
             conn = self._conn = self._new_connection()
         return conn
 
@@ -547,14 +702,16 @@ class PgStorage:
         ticket = Ticket(current_owner())
         try:
             if self._use.try_take(ticket):
-                return _drive(self._connection(), steps)
+                return self._drive(self._connection(), steps)
         finally:
             self._use.give(ticket)
         with self._read_lock:
             conn = self._read
-            if conn is None or conn.closed:
+            if conn is None or not _usable(conn):
+                if conn is not None:
+                    self._discard(conn)
                 conn = self._read = self._new_connection()
-            return _drive(conn, steps)
+            return self._drive(conn, steps)
 
     @staticmethod
     def _discard(conn: psycopg.Connection[Any]) -> None:
@@ -565,36 +722,40 @@ class PgStorage:
             pass
 
     # ------------------------------------------------------------------------------------------- SQL
-    def _select(self, hint: _Token | None) -> str:
-        if hint is None:
-            return "value, version, xmin::text, false"
-        same = f"(version = {int(hint[0])} AND xmin = '{int(hint[1])}'::xid)"
-        return f"CASE WHEN {same} THEN NULL ELSE value END, version, xmin::text, {same}"
-
-    def _lock_query(self, start: float, wait: float, label: str | None, *, insert: bool) -> str:
+    def _lock_query(self, start: float, wait: float, label: str | None, *, insert: bool) -> list[_Cmd]:
+        """BEGIN, the time limits (and the label), then lock the row (inserting a placeholder first with ``insert``)
+        and read its value unless it is the version this Store last saw (see :meth:`_statements`)."""
         left = _left(start, wait)
         nowait = left == 0
-        parts = [] if insert else ["BEGIN"]
         if nowait:
-            parts.append("SET LOCAL lock_timeout = 1")  # the table's own lock, if DDL holds it; the row: NOWAIT
+            limits = (b"1", self._statement_timeout)  # the table's own lock, if DDL holds it; the row: NOWAIT
         elif left < 0:
-            parts += ["SET LOCAL lock_timeout = 0", "SET LOCAL statement_timeout = 0"]
+            limits = (b"0", b"0")
         else:
             ms = max(1, math.ceil(left * 1000))
             # A waiter queued behind another waits for the row's tuple lock, then for the holder's transaction:
-            # two lock waits in one statement, so the statement's own limit bounds the whole wait.
-            parts += [f"SET LOCAL lock_timeout = {ms}", f"SET LOCAL statement_timeout = {ms + min(max(ms, 250), 1000)}"]
-        if label is not None and not insert:
-            parts.append(f"SET LOCAL application_name = {_literal(application_name(label))}")
-        select = f"SELECT {self._select(None if insert else self._hint)}"
+            # two lock waits of up to lock_timeout each in one statement, so the statement's own limit bounds both.
+            limits = (str(ms).encode(), str(ms + max(50, ms // 10)).encode())
+        key = self._kb
+        query: list[_Cmd] = [] if insert else [(b"lockstore_begin", (), None)]
+        if label is None or insert:
+            query.append((b"lockstore_timeouts", limits, None))
+        else:
+            query.append((b"lockstore_timeouts_named", (*limits, application_name(label).encode()), None))
+        hint = None if insert else self._hint
+        params: tuple[bytes | None, ...] = (key, self._statement_timeout,
+                  *((b"-1", b"0") if hint is None else (str(hint[0]).encode(), str(hint[1]).encode())))
+        lock, split = b"lockstore_lock", self._size > _SPLIT
         if insert:
-            parts.append(f"INSERT INTO {self._t} (key, value, version, updated_at) VALUES ({self._k}, NULL, 0, now()) "
-                         "ON CONFLICT (key) DO NOTHING")
-            select += f", pg_try_advisory_xact_lock({self._tag[0]}, {self._tag[1]})"
-        parts.append(f"{select} FROM {self._t} WHERE key = {self._k} FOR UPDATE{' NOWAIT' if nowait else ''}")
-        if not nowait:
-            parts.append("SET LOCAL statement_timeout TO DEFAULT")
-        return "; ".join(parts)
+            query.append((b"lockstore_insert", (key,), None))
+            lock, split = b"lockstore_lock_tag", False
+            params += (str(self._tag[0]).encode(), str(self._tag[1]).encode())
+        elif split:
+            lock = b"lockstore_lock_bare"
+        query.append((lock + (b"_nowait" if nowait else b""), params[:2] if split else params, None))
+        if split:
+            query.append((b"lockstore_read", (key, *params[2:]), None))
+        return query
 
     def _create_query(self) -> str:
         return ("BEGIN; "
@@ -610,8 +771,9 @@ class PgStorage:
             f"SELECT l.pid, 0 AS o FROM {self._t} r JOIN pg_locks l ON l.locktype = 'transactionid' "
             f"AND l.transactionid = r.xmax AND l.granted WHERE r.key = {self._k} "
             "UNION ALL SELECT l.pid, 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-            f"AND d.datname = current_database() WHERE l.locktype = 'advisory' AND l.classid = '{self._tag[0] % (1 << 32)}' "
-            f"AND l.objid = '{self._tag[1] % (1 << 32)}' AND l.objsubid = 2 AND l.granted"
+            "AND d.datname = current_database() WHERE l.locktype = 'advisory' "
+            f"AND l.classid = '{self._tag[0] % (1 << 32)}' AND l.objid = '{self._tag[1] % (1 << 32)}' "
+            "AND l.objsubid = 2 AND l.granted"
             ") h JOIN pg_stat_activity a ON a.pid = h.pid ORDER BY h.o LIMIT 1")
 
     _WAITERS_QUERY: Final = (
@@ -619,49 +781,40 @@ class PgStorage:
         "extract(epoch FROM clock_timestamp() - a.query_start), pg_blocking_pids(a.pid) FROM pg_stat_activity a "
         "WHERE a.wait_event_type = 'Lock' AND a.datname = current_database()")
 
-    def _save_query(self, held: PgHeld, data: bytes) -> list[_Query]:
-        """The commit: inline with COMMIT in one round trip, or (large values) as a binary parameter, then COMMIT."""
-        inline = len(data) <= INLINE_MAX
-        value = _bytea(data) if inline else "%b"
-        key = self._k if inline else "%s"
+    def _save_query(self, held: PgHeld, data: bytes) -> list[_Cmd]:
+        """The commit, in one round trip: the new value (a binary parameter) and COMMIT."""
+        write: _Cmd = (b"lockstore_update", (data, self._kb), (1, 0))
         if held.deleted is not None:  # set aside in this transaction: the row is gone
-            write = (f"INSERT INTO {self._t} (key, value, version, updated_at) VALUES ({key}, {value}, "
-                     f"{held.deleted + 1}, now())")
-        else:
-            write = f"UPDATE {self._t} SET value = {value}, version = version + 1, updated_at = now() WHERE key = {key}"
-        write += " RETURNING version, xmin::text"
-        if inline:
-            return [f"{write}; COMMIT"]
-        params = (self.key, data) if held.deleted is not None else (data, self.key)
-        return [(write, params), "COMMIT"]
+            write = (b"lockstore_recreate", (data, self._kb, str(held.deleted + 1).encode()), (1, 0, 0))
+        return [write, (b"lockstore_commit", (), None)]
 
     # ------------------------------------------------------------------------------------------- steps
     def _load_steps(self) -> _Steps[Stored]:
         try:
-            result = yield f"SELECT value, version, xmin::text FROM {self._t} WHERE key = {self._k}"
+            result = yield [(b"lockstore_load", (self._kb,), None)]
         except psycopg.errors.UndefinedTable:
             return Stored(None, None)
         except psycopg.Error as exc:
             raise self.error(exc, "reading") from None
-        rows = result.sets[0]
+        rows = result.rows()
         if not rows or rows[0][0] is None:
             return Stored(None, None)
-        value, version, xmin = rows[0]
-        token = (int(version), int(xmin))
-        self._hint = token
-        return Stored(bytes(value), token)
+        data = _value(rows[0][0])
+        token = (int(rows[0][1]), int(rows[0][2]))
+        self._hint, self._size = token, len(data or b"")
+        return Stored(data, token)
 
     def _lock_steps(self, held: PgHeld, start: float) -> _Steps[None]:
         created = False
         while True:
             try:
                 result = yield self._lock_query(start, held.wait, held.label, insert=False)
-                if not result.sets or not result.sets[0]:  # no row yet: insert a placeholder and lock that
+                if not result.rows(2):  # no row yet: insert a placeholder and lock that
                     result = yield self._lock_query(start, held.wait, None, insert=True)
             except psycopg.errors.UndefinedTable:
                 if created:
                     raise
-                yield "ROLLBACK"
+                yield [(b"lockstore_rollback", (), None)]
                 try:
                     yield self._create_query()
                 except psycopg.Error as exc:
@@ -674,11 +827,17 @@ class PgStorage:
                 state = exc.sqlstate
                 waited = time.monotonic() - start
                 if state == "55P03" or (state == "57014" and 0 <= held.wait <= waited + 0.001):
-                    yield "ROLLBACK"  # then this connection can read who holds the row
+                    yield [(b"lockstore_rollback", (), None)]  # then this connection can read who holds it
                     holder = yield from self._holder_steps(quiet=True)
                     raise LockTimeout(self.lock_name, waited, path=self.target, holder=holder) from None
                 raise self.error(exc, "locking") from None
-            held.row = result.sets[-1][0] if result.sets and result.sets[-1] else None
+            locked = result.rows(2)
+            read = [row[3:] for row in locked] if len(result.sets) == 3 else result.rows(3)  # see _statements
+            if locked and read:
+                data = _value(read[0][0])
+                held.row = (data, int(locked[0][0]), int(locked[0][1]), read[0][1] == b"t")
+                if data is not None:
+                    self._size = len(data)
             return
 
     def _fetched(self, held: PgHeld, known: object) -> tuple[Stored | None, bool]:
@@ -686,46 +845,47 @@ class PgStorage:
         row = held.row
         if row is None or (row[0] is None and not row[3]):
             return (None if known is None else Stored(None, None)), False
-        token = (int(row[1]), int(row[2]))
+        data, version, xmin, skipped = row
+        token = (version, xmin)
         if token == known:
             return None, False
-        if row[3]:
+        if skipped:
             return Stored(None, token), True
         self._hint = token
-        return Stored(bytes(row[0]), token), False
+        return Stored(data, token), False
 
     def _value_steps(self, token: _Token) -> _Steps[Stored]:
         try:
-            result = yield f"SELECT value FROM {self._t} WHERE key = {self._k}"
+            result = yield [(b"lockstore_value", (self._kb,), None)]
         except psycopg.Error as exc:
             raise self.error(exc, "reading") from None
-        rows = result.sets[0]
+        rows = result.rows()
         if not rows or rows[0][0] is None:
             return Stored(None, None)
-        self._hint = token
-        return Stored(bytes(rows[0][0]), token)
+        data = _value(rows[0][0])
+        self._hint, self._size = token, len(data or b"")
+        return Stored(data, token)
 
     def _save_steps(self, held: PgHeld, data: bytes) -> _Steps[_Token]:
         if held.committed:
             yield from self._relock_steps(held)
-        queries = self._save_query(held, data)
         try:
-            result = yield queries[0]
-            if len(queries) > 1:
-                last = yield queries[1]
-                result.status = last.status
+            result = yield self._save_query(held, data)
         except psycopg.Error as exc:
             state = exc.sqlstate or ""
             if state == "25P03":
                 raise LockLost(self.target, "the server ended the idle session (idle_in_transaction_session_"
                                             "timeout) before the commit") from None
             raise self.error(exc, "committing", unknown=True) from None
-        rows = result.sets[0] if result.sets else []
+        rows = result.rows()
         if not rows or result.status != "COMMIT":
-            raise OSError(errno.EIO, f"writing: the row was not written ({result.status})", self.target)
+            yield [(b"lockstore_rollback", (), None)]
+            err = OSError(f"{self.target}: writing: the row was not written ({result.status})")
+            err.errno = errno.EIO
+            raise err
         token = (int(rows[0][0]), int(rows[0][1]))
         held.committed, held.written, held.aside, held.deleted = True, token, False, None
-        self._hint = token
+        self._hint, self._size = token, len(data)
         return token
 
     def _relock_steps(self, held: PgHeld) -> _Steps[None]:
@@ -735,9 +895,9 @@ class PgStorage:
             result = yield self._lock_query(time.monotonic(), held.wait, held.label, insert=False)
         except psycopg.Error as exc:
             raise self.error(exc, "locking again") from None
-        rows = result.sets[0] if result.sets else []
-        if not rows or (int(rows[0][1]), int(rows[0][2])) != held.written:
-            yield "ROLLBACK"
+        rows = result.rows(2)
+        if not rows or (int(rows[0][0]), int(rows[0][1])) != held.written:
+            yield [(b"lockstore_rollback", (), None)]
             raise LockLost(self.target, "another process wrote between two commits of one transaction")
         held.committed = False
 
@@ -749,7 +909,7 @@ class PgStorage:
                             f"DELETE FROM {self._t} WHERE key = {self._k} RETURNING version")
         except psycopg.Error as exc:
             raise self.error(exc, "moving the undecodable value aside") from None
-        rows = result.sets[0] if result.sets else []
+        rows = result.rows()
         held.deleted = int(rows[0][0]) if rows else 0
         held.aside = True
         return f"{self._base_display}#{aside}"
@@ -761,7 +921,7 @@ class PgStorage:
             if quiet or isinstance(exc, psycopg.errors.UndefinedTable):
                 return None
             raise self.error(exc, "reading who holds the lock") from None
-        rows = result.sets[0] if result.sets else []
+        rows = result.rows()
         return _holder_of(rows[0]) if rows else None
 
     def _waiters_steps(self) -> _Steps[list[Holder]]:
@@ -771,12 +931,12 @@ class PgStorage:
             return []
         except psycopg.Error as exc:
             raise self.error(exc, "reading who waits for the lock") from None
-        holders, waiting = result.sets
+        holders, waiting = result.rows(0), result.rows(1)
         if not holders:
             return []
         # Waiters queue behind each other (the tuple lock) and the first waits for the holder's transaction: follow
         # pg_blocking_pids() from the holder.
-        blocked_by = {row[0]: set(row[5] or ()) for row in waiting}
+        blocked_by = {row[0]: set((row[5] or b"{}").strip(b"{}").split(b",")) for row in waiting}
         chain = {holders[0][0]}
         grew = True
         while grew:
@@ -786,7 +946,7 @@ class PgStorage:
                     chain.add(pid)
                     grew = True
         rows = [row for row in waiting if row[0] in chain]
-        rows.sort(key=lambda row: -(row[4] or 0.0))
+        rows.sort(key=lambda row: -float(row[4] or 0))
         return [_holder_of(row, waiting=True) for row in rows]
 
     # ------------------------------------------------------------------------------------------- reading
@@ -806,7 +966,7 @@ class PgStorage:
         held.wait = timeout if blocking else 0.0
         held.label = label
         slot = held.slot = self._slot
-        if _conflicts(slot.owner(), held.owner):
+        if conflicts(slot.owner(), held.owner):
             raise LockReentryError(self.lock_name)
         if not slot.take(held.ticket, _left(start, held.wait)):
             raise self.timeout_error(time.monotonic() - start)
@@ -814,23 +974,23 @@ class PgStorage:
         # Only a lock-free read of this Store on another thread can be using the connection, for one short query.
         self._use.take(held.use, -1.0)
         conn = held.conn = self._connection()
-        _drive(conn, self._lock_steps(held, start))
+        self._drive(conn, self._lock_steps(held, start))
 
     def fetch(self, held: object, known: object) -> Stored | None:
         assert isinstance(held, PgHeld)
         stored, read = self._fetched(held, known)
         if read and stored is not None:
             assert isinstance(stored.version, tuple)
-            return _drive(held.conn, self._value_steps(stored.version))
+            return self._drive(held.conn, self._value_steps(stored.version))
         return stored
 
     def save(self, held: object, data: bytes) -> object:
         assert isinstance(held, PgHeld)
-        return _drive(held.conn, self._save_steps(held, data))
+        return self._drive(held.conn, self._save_steps(held, data))
 
     def set_aside(self, held: object) -> str | None:
         assert isinstance(held, PgHeld)
-        return _drive(held.conn, self._set_aside_steps(held))
+        return self._drive(held.conn, self._set_aside_steps(held))
 
     def release(self, held: object) -> None:
         assert isinstance(held, PgHeld)
@@ -855,11 +1015,11 @@ class PgStorage:
         if conn.closed:
             return
         status = conn.info.transaction_status
-        if status == pq.TransactionStatus.IDLE:
+        if status == pq.TransactionStatus.IDLE and _usable(conn):
             return
-        if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+        if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR) and _usable(conn):
             try:
-                _run(conn, "COMMIT" if commit and status == pq.TransactionStatus.INTRANS else "ROLLBACK")
+                self._run(conn, [(_ENDS[commit and status == pq.TransactionStatus.INTRANS], (), None)])
                 return
             except psycopg.Error:
                 pass
@@ -913,10 +1073,10 @@ class PgStorage:
             if state.gone():  # a loop closed without closing this Store: its sessions are closed now
                 del self._loops[key]
                 state.finish()
-        state = self._loops.get(id(loop))
-        if state is None or state.loop() is not loop:
-            state = self._loops[id(loop)] = _LoopState(loop)
-        return state
+        found = self._loops.get(id(loop))
+        if found is None or found.loop() is not loop:
+            found = self._loops[id(loop)] = _LoopState(loop)
+        return found
 
     async def _anew_connection(self) -> psycopg.AsyncConnection[Any]:
         failure: OSError | None = None
@@ -927,7 +1087,7 @@ class PgStorage:
         if failure is not None:
             raise failure
         try:
-            await _adrive(conn, self._setup_steps())
+            await self._adrive(conn, self._setup_steps())
         except BaseException:
             conn.pgconn.finish()
             raise
@@ -935,7 +1095,9 @@ class PgStorage:
 
     async def _aconnection(self, state: _LoopState) -> psycopg.AsyncConnection[Any]:
         conn = state.conn
-        if conn is None or conn.closed:
+        if conn is None or not _usable(conn):
+            if conn is not None:
+                conn.pgconn.finish()
             conn = state.conn = await self._anew_connection()
         return conn
 
@@ -943,12 +1105,14 @@ class PgStorage:
         state = self._loop_state()
         if not state.tx_lock.locked():
             async with state.tx_lock:
-                return await _adrive(await self._aconnection(state), steps)
+                return await self._adrive(await self._aconnection(state), steps)
         async with state.read_lock:
             conn = state.read
-            if conn is None or conn.closed:
+            if conn is None or not _usable(conn):
+                if conn is not None:
+                    conn.pgconn.finish()
                 conn = state.read = await self._anew_connection()
-            return await _adrive(conn, steps)
+            return await self._adrive(conn, steps)
 
     async def aload(self) -> Stored:
         return await self._areading(self._load_steps())
@@ -970,7 +1134,8 @@ class PgStorage:
         slot = held.slot = self._slot
         state = held.state = self._loop_state()
         turn = _turn(self._identity)
-        if turn.owner is held.owner or _conflicts(slot.owner(), held.owner):
+        holder = slot.owner()  # tasks of this loop queue on the turn; the same task, or this very thread, cannot
+        if turn.owner is held.owner or (holder is not None and holder in (held.owner, threading.get_ident())):
             raise LockReentryError(self.lock_name)
         if wait == 0 and turn.locked():
             raise await self._atimeout(start)
@@ -991,23 +1156,23 @@ class PgStorage:
         await state.tx_lock.acquire()
         state.tx_owner = held
         conn = held.conn = await self._aconnection(state)
-        await _adrive(conn, self._lock_steps(held, start))
+        await self._adrive(conn, self._lock_steps(held, start))
 
     async def afetch(self, held: object, known: object) -> Stored | None:
         assert isinstance(held, PgHeld)
         stored, read = self._fetched(held, known)
         if read and stored is not None:
             assert isinstance(stored.version, tuple)
-            return await _adrive(held.conn, self._value_steps(stored.version))
+            return await self._adrive(held.conn, self._value_steps(stored.version))
         return stored
 
     async def asave(self, held: object, data: bytes) -> object:
         assert isinstance(held, PgHeld)
-        return await _adrive(held.conn, self._save_steps(held, data))
+        return await self._adrive(held.conn, self._save_steps(held, data))
 
     async def aset_aside(self, held: object) -> str | None:
         assert isinstance(held, PgHeld)
-        return await _adrive(held.conn, self._set_aside_steps(held))
+        return await self._adrive(held.conn, self._set_aside_steps(held))
 
     async def arelease(self, held: object) -> None:
         assert isinstance(held, PgHeld)
@@ -1029,11 +1194,11 @@ class PgStorage:
         if conn.closed:
             return
         status = conn.info.transaction_status
-        if status == pq.TransactionStatus.IDLE:
+        if status == pq.TransactionStatus.IDLE and _usable(conn):
             return
-        if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+        if status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR) and _usable(conn):
             try:
-                await _arun(conn, "COMMIT" if commit and status == pq.TransactionStatus.INTRANS else "ROLLBACK")
+                await self._arun(conn, [(_ENDS[commit and status == pq.TransactionStatus.INTRANS], (), None)])
                 return
             except psycopg.Error:
                 pass
@@ -1078,8 +1243,8 @@ def _secrets(url: str, params: dict[str, Any]) -> list[str]:
 
 def _holder_of(row: _Row, *, waiting: bool = False) -> Holder:
     """A Holder from a ``pg_stat_activity`` row: (backend pid, application_name, client, role, seconds since)."""
-    backend, app, client, user, age = row[:5]
-    since = None if age is None else time.time() - float(age)
+    backend, app, client, user = int(row[0]), _text(row[1]), _text(row[2]), _text(row[3])
+    since = None if row[4] is None else time.time() - float(row[4])
     match = _RECORD.match(app or "")
     if match is None:  # a session that is not lockstore's (psql...): known by its backend
         return Holder(pid=int(backend), host=client or "(the server's Unix socket)", user=user or "",
