@@ -5,7 +5,7 @@
   left to be collected, with a ResourceWarning, after its loop is gone.
 - Tasks of one loop that want one store take turns (an ``asyncio.Lock``, first come first served), then take the
   process's slot (polled: only a thread of this process can hold it meanwhile), then queue in Redis as a sync
-  caller does, waiting in BLPOP on the loop.
+  caller does, waiting in BLPOP (for the grant) on the loop.
 - The lease is renewed by a task. A cancellation anywhere leaves nothing behind: the transaction's cleanup runs
   ``release`` (shielded), which withdraws the queue entry or unlocks, and gives back the slot and the turn.
 """
@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -25,15 +25,14 @@ import redis.asyncio
 from . import _redis_scripts as scripts
 from ._error import LockReentryError, LockTimeout
 from ._owners import at_fork
-from ._redis_lease import TOKENS, RedisHeld, Slot, as_bytes
+from ._redis_lease import TOKENS, Call, RedisHeld, Slot, as_bytes
 
 if TYPE_CHECKING:
     from ._backend import Stored
     from ._redis import RedisStorage
     from ._redis_scripts import Script
 
-log = logging.getLogger("lockstore")
-
+_T = TypeVar("_T")
 _WITH_CLIENTS: weakref.WeakSet[RedisStorage] = weakref.WeakSet()
 #: Clients of a parent's loops, found in a child after fork: kept, never closed (their sockets are the parent's).
 _INHERITED: list[Any] = []
@@ -143,26 +142,40 @@ def _after_fork() -> None:
 at_fork(_after_fork)
 
 
-async def _eval(storage: RedisStorage, script: Script, call: tuple[tuple[str, ...], tuple[Any, ...]],
-                doing: str) -> Any:
+async def _call(storage: RedisStorage, func: Callable[[redis.asyncio.Redis], Awaitable[_T]], doing: str, *,
+                retry: bool = True) -> _T:
+    """``RedisStorage.call`` for the asyncio client."""
+    from ._redis import RETRY_PAUSES
+
     c = await client(storage)
+    for pause in (*RETRY_PAUSES, None) if retry else (None,):
+        try:
+            return await func(c)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if pause is None or isinstance(exc, redis.AuthenticationError):
+                storage.fail(exc, doing)
+            await asyncio.sleep(pause)
+        except redis.RedisError as exc:
+            storage.fail(exc, doing)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _eval(storage: RedisStorage, script: Script, call: Call,
+                doing: str, *, retry: bool = True) -> Any:
     keys, args = call
-    try:
+
+    async def run(c: redis.asyncio.Redis) -> Any:
         try:
             return await c.evalsha(script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             return await c.eval(script.text, len(keys), *keys, *args)
-    except redis.RedisError as exc:
-        storage.fail(exc, doing)
+
+    return await _call(storage, run, doing, retry=retry)
 
 
 # ------------------------------------------------------------------------------------------------ the storage steps
 async def load(storage: RedisStorage) -> Stored:
-    try:
-        data = as_bytes(await (await client(storage)).get(storage.key))
-    except redis.RedisError as exc:
-        storage.fail(exc, "reading")
-    return storage.stored(data)
+    return storage.stored(as_bytes(await _call(storage, lambda c: c.get(storage.key), "reading")))
 
 
 async def acquire(storage: RedisStorage, held: RedisHeld, *, timeout: float, blocking: bool,
@@ -171,8 +184,11 @@ async def acquire(storage: RedisStorage, held: RedisHeld, *, timeout: float, blo
     start = time.monotonic()
     once = not blocking or timeout == 0
     turn = _turn(lease.slot)
-    if turn.owner is held.owner or lease.slot.owner() == held.owner:
-        raise LockReentryError(storage.lock_name)  # this task holds it through another Store object
+    holder = lease.slot.owner()
+    if (turn.owner is not None and turn.owner is held.owner) or (
+            holder is not None and (holder == held.owner or holder == threading.get_ident())):
+        # this task holds it through another Store object, or this thread's transaction runs this loop
+        raise LockReentryError(storage.lock_name)
     if once and turn.locked():
         raise await _timeout(storage, 0.0)
     try:
@@ -194,17 +210,25 @@ async def acquire(storage: RedisStorage, held: RedisHeld, *, timeout: float, blo
         held.sent = True
         reply = await _eval(storage, scripts.ACQUIRE, call, "taking the lock")
         if lease.got(held, reply):
-            held.task = asyncio.get_running_loop().create_task(_renew(storage, held))
-            return
+            break
         wait = lease.pause(reply, start, timeout, once)
         if wait is None:
             await release_in_redis(storage, held)
             raise await _timeout(storage, time.monotonic() - start)
         if wait > 0:
-            try:
-                await (await client(storage)).blpop([lease.wake_key(held)], timeout=wait)
-            except redis.RedisError as exc:
-                storage.fail(exc, "waiting for the lock")
+            popped = await _call(storage, _blpop(lease.wake_key(held), wait), "waiting for the lock")
+            grant = lease.granted(held, popped)
+            if grant is not None and lease.got(held, grant):
+                reply = grant
+                break
+    held.task = asyncio.get_running_loop().create_task(_renew(storage, held, lease.first_renewal(reply)))
+
+
+def _blpop(key: str, timeout: float) -> Callable[[redis.asyncio.Redis], Awaitable[Any]]:
+    async def pop(c: redis.asyncio.Redis) -> Any:
+        return await c.blpop([key], timeout=timeout)
+
+    return pop
 
 
 async def _timeout(storage: RedisStorage, waited: float) -> LockTimeout:
@@ -216,10 +240,10 @@ async def _timeout(storage: RedisStorage, waited: float) -> LockTimeout:
     return LockTimeout(storage.lock_name, waited, path=storage.target, holder=holder)
 
 
-async def _renew(storage: RedisStorage, held: RedisHeld) -> None:
+async def _renew(storage: RedisStorage, held: RedisHeld, first: float) -> None:
     lease = storage.lease
     interval = lease.seconds / 3
-    delay = interval
+    delay = first
     while True:
         await asyncio.sleep(delay)
         try:
@@ -244,22 +268,38 @@ async def fetch(storage: RedisStorage, held: RedisHeld, known: object) -> Stored
 async def save(storage: RedisStorage, held: RedisHeld, data: bytes) -> object:
     storage.lease.check(held, storage.target)
     try:
-        ok = await _eval(storage, scripts.SAVE, ((storage.keys.lock, storage.key), (held.token, data)), "committing")
+        ok = await _eval(storage, scripts.SAVE, ((storage.keys.lock, storage.key), (held.token, data)), "committing",
+                         retry=False)
     except ConnectionError as exc:
         raise ConnectionError(f"{exc}; whether the commit was written is unknown") from exc.__cause__
     return storage.saved(held, data, ok)
 
 
+async def save_last(storage: RedisStorage, held: RedisHeld, data: bytes) -> object:
+    storage.lease.check(held, storage.target)
+    storage.stop_renewing(held)
+    stop_renewal(held)
+    try:
+        ok = await _eval(storage, scripts.SAVE_RELEASE, storage.lease.save_release_call(held, data), "committing",
+                         retry=False)
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; whether the commit was written is unknown") from exc.__cause__
+    version = storage.saved(held, data, ok)
+    held.sent = False  # released by the same script
+    return version
+
+
 async def set_aside(storage: RedisStorage, held: RedisHeld) -> str | None:
-    return storage.aside(held, await _eval(storage, scripts.ASIDE, storage.aside_call(held), "moving the value aside"))
+    reply = await _eval(storage, scripts.ASIDE, storage.aside_call(held), "moving the value aside", retry=False)
+    return storage.aside(held, reply)
 
 
 async def release_in_redis(storage: RedisStorage, held: RedisHeld) -> None:
     if held.sent:
         try:
             await _eval(storage, scripts.RELEASE, storage.lease.release_call(held), "releasing the lock")
-        except OSError as exc:  # the lease and the queue entry expire by themselves
-            log.debug("lockstore: %s: %s", storage.target, exc)
+        except OSError as exc:  # never an error: tried again in the background
+            storage.release_failed(held, exc)
         held.sent = False
 
 
@@ -292,6 +332,11 @@ class AsyncHalf:
     async def asave(self: Any, held: object, data: bytes) -> object:
         assert isinstance(held, RedisHeld)
         return await save(self, held, data)
+
+    async def asave_last(self: Any, held: object, data: bytes) -> object:
+        """``save_last`` (see ``RedisStorage.save_last``), awaited."""
+        assert isinstance(held, RedisHeld)
+        return await save_last(self, held, data)
 
     async def aset_aside(self: Any, held: object) -> str | None:
         assert isinstance(held, RedisHeld)

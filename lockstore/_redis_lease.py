@@ -1,39 +1,40 @@
 """The Redis store's lock: a lease on ``KEY:lock`` that only its token's holder may write through, fair waiting.
 
 Driver-agnostic (no ``redis`` import): what to send and how to read the answers (:class:`Lease`), an acquisition's
-state (:class:`RedisHeld`), the renewal thread (:class:`Renewer`), and the per-process registries. ``_redis.py``
+state (:class:`RedisHeld`) and the per-process registries (the renewal thread is in ``_redis_renew.py``). ``_redis.py``
 and ``_redis_aio.py`` do the I/O; the keys and the Lua scripts are in ``_redis_scripts.py``.
 
 - Taking: the ACQUIRE script sets the lock (``<token>\\n<holder record>``, PX lease) when it is free and the caller
   is first in the queue (or the queue is empty); else it queues the caller and answers how long the lock's lease
-  still runs. A process that releases and asks again therefore queues behind the others: first come, first served
-  across processes. Inside one process, threads and tasks queue on the store's :class:`Slot` (an ``OwnerLock``)
-  first, so only one of them waits in Redis.
-- Waiting: BLPOP on the caller's own wake list, which a releaser (or a waiter that finds the lock free while
-  another is first) pushes to. A push waits in the list until it is popped, so a release between an attempt and
-  the BLPOP is never missed. Every BLPOP is bounded: by the lock's remaining lease (a killed holder's lease ends)
-  and by a heartbeat (the caller's queue entry is refreshed by each attempt; one left unrefreshed for
-  ``WAITER_TTL`` is a killed waiter's and is removed by whoever looks next).
+  still runs. Inside one process, threads and tasks queue on the store's :class:`Slot` (an ``OwnerLock``) first, so
+  only one of them waits in Redis.
+- Handing over: a releaser never leaves the lock free while someone waits. The RELEASE script gives it to the
+  queue's head (for a short lease, the waiters' TTL, so that a killed waiter keeps it only briefly; the new holder's
+  renewal extends it) and pushes the grant, with the value when it is small, into the head's wake list. So a process
+  that releases and asks again queues behind the others (first come, first served across processes), and the new
+  holder starts its block as soon as it pops the grant, without another round trip or write.
+- Waiting: BLPOP on the caller's own wake list. A grant waits in the list until it is popped, so one pushed between
+  an attempt and the BLPOP is never missed. Every BLPOP is bounded: by the lock's remaining lease (a killed
+  holder's lease ends; the head then takes the lock itself) and by a heartbeat (each attempt refreshes the caller's
+  queue entry; one left unrefreshed for ``WAITER_TTL`` is a killed waiter's and is removed by whoever looks next).
 - Holding: renewed every lease/3 while the token still holds the lock; a renewal that finds it gone marks the
   acquisition lost (the commit would be refused by the server anyway: the SAVE script is the fence).
-- Releasing: one script unlocks (if the token holds the lock), withdraws the queue entry, and wakes the new head;
-  it is idempotent, so it undoes a partial acquire wherever it stopped.
+- Releasing: one script unlocks (if the token holds the lock), withdraws the queue entry and hands over; it is
+  idempotent, so it undoes a partial acquire wherever it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _holder
 from ._error import LockLost, LockReentryError
-from ._owners import OwnerLock, Ticket, at_fork, blocks_this_loop, generation
+from ._owners import OwnerLock, Ticket, at_fork, conflicts, generation
 from ._redis_scripts import Keys
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 #: Longest that a killed waiter can keep its place at the head of the queue (capped by the lease): live waiters
 #: refresh their entry three times per this period.
 WAITER_TTL: Final = 3.0
+#: A script's KEYS and ARGV.
+Call = tuple[tuple[Any, ...], tuple[Any, ...]]
+#: A grant carries the value when it is at most this long (else the new holder reads it: one round trip more).
+GRANT_CAP: Final = 16384
 #: Why a commit or a read under the lock was refused.
 TOKEN_GONE: Final = "the lock key no longer holds this transaction's token: its lease ran out and another process " \
                     "may hold the lock now"
@@ -101,6 +106,11 @@ class Lease:
         self.waiter_ttl_ms = max(1, round(min(lease, WAITER_TTL) * 1000))
         self.heartbeat = self.waiter_ttl_ms / 3000
         self.slot = slot(identity)
+        k = self.keys
+        # Encoded once: the driver packs bytes as they are.
+        self._keys = tuple(name.encode() for name in (k.data, k.lock, k.queue, k.expiry, k.waiters))
+        self._wake, self._ms = k.wake.encode(), str(self.ms).encode()
+        self._ttl, self._cap = str(self.waiter_ttl_ms).encode(), str(GRANT_CAP).encode()
 
     def held(self, owner: object, holder: object, known: object) -> RedisHeld:
         # commit() (kind 1) writes without reading: its ACQUIRE does not send the value back
@@ -108,29 +118,43 @@ class Lease:
 
     def check_reentry(self, held: RedisHeld) -> None:
         """Refuse a second request of the slot's holding owner through another Store (it would wait for itself)."""
-        owner = self.slot.owner()
-        if owner is not None and (owner == held.owner or blocks_this_loop(owner)):
+        if conflicts(self.slot.owner(), held.owner):
             raise LockReentryError(self.keys.lock)
 
-    def acquire_call(self, held: RedisHeld, label: str | None, once: bool) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-        k = self.keys
-        record = _holder.record(label)
+    def acquire_call(self, held: RedisHeld, label: str | None, once: bool) -> Call:
         known = "-" if held.known == () else (held.known or "")
-        return ((k.data, k.lock, k.queue, k.expiry, k.waiters),
-                (held.token, held.token.encode() + b"\n" + record, self.ms, "0" if once else "1", record,
-                 self.waiter_ttl_ms, known, k.wake))
+        return (self._keys, (held.token, _holder.record(label), self._ms, b"0" if once else b"1", self._ttl, known,
+                             self._wake, self._cap))
 
     def got(self, held: RedisHeld, reply: list[Any]) -> bool:
-        """Whether an ACQUIRE took the lock (then remember it); LockReentryError when this owner holds it already
-        through a Store that reached the same key by another URL."""
+        """Whether an ACQUIRE (or a grant) gave us the lock (then remember it); LockReentryError when this owner
+        holds it already through a Store that reached the same key by another URL."""
         if reply[0] == 1:
             TOKENS[held.token] = held.owner
             held.prefetched = reply
             return True
-        owner = TOKENS.get(text(reply[2]))
-        if owner is not None and (owner == held.owner or blocks_this_loop(owner)):
+        if conflicts(TOKENS.get(text(reply[2])), held.owner):
             raise LockReentryError(self.keys.lock)
         return False
+
+    def granted(self, held: RedisHeld, popped: Any) -> list[Any] | None:
+        """A wake-up popped from our list as an ACQUIRE answer when it is a grant (the lock is ours), else None."""
+        if popped is None:
+            return None
+        message = as_bytes(popped[1]) or b""
+        if not message.startswith(b"g"):
+            return None
+        ttl = self.waiter_ttl_ms  # a grant's lease: renewed soon
+        if message[1:2] == b"0":
+            return [1, 0, ttl, b""]
+        if message[1:2] == b"2":
+            data = message[2:]
+            return [1, 1, ttl, b""] if held.known == sha(data) else [1, 2, ttl, data]
+        return [1, 3, ttl, b""]
+
+    def first_renewal(self, reply: list[Any]) -> float:
+        """When to renew a lease first: a handed-over one runs only the waiters' TTL."""
+        return min(self.seconds / 3, max(0.001, float(reply[2]) / 3000))
 
     def pause(self, reply: list[Any], start: float, timeout: float, once: bool) -> float | None:
         """How long to wait for a wake-up before trying again, or None when the time is up."""
@@ -156,19 +180,20 @@ class Lease:
         pre, held.prefetched = held.prefetched, None
         if pre is None or held.known != known or pre[1] == 3:
             return None
-        return pre[1:]
+        return [pre[1], pre[3]]
 
-    def check(self, held: RedisHeld, target: str, reply: object = 1) -> None:
-        """LockLost when the lease is known to be gone, or when a fenced script's ``reply`` says so."""
-        if held.lost is None and reply in (0, -1):
+    def check(self, held: RedisHeld, target: str, *, lost: bool = False) -> None:
+        """LockLost when the lease is known to be gone, or a fenced script found it ``lost`` just now."""
+        if lost and held.lost is None:
             held.lost = TOKEN_GONE
         if held.lost is not None:
             raise LockLost(target, held.lost)
 
-    def release_call(self, held: RedisHeld | str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-        k = self.keys
-        return ((k.lock, k.queue, k.expiry, k.waiters),
-                (held if isinstance(held, str) else held.token, k.wake, self.waiter_ttl_ms))
+    def release_call(self, held: RedisHeld | str) -> Call:
+        return self._keys, (held if isinstance(held, str) else held.token, self._wake, self._ttl, self._cap)
+
+    def save_release_call(self, held: RedisHeld, data: bytes) -> Call:
+        return self._keys, (held.token, data, self._wake, self._ttl, self._cap)
 
     @staticmethod
     def holder_of(value: bytes | None) -> Holder | None:
@@ -208,81 +233,6 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-# ------------------------------------------------------------------------------------------------ renewal
-class Renewer:
-    """A thread renewing the leases that one storage holds, every third of the lease, on a connection of its own.
-
-    ``renew(held)`` returns True (extended), False (the token no longer holds the lock: the held is marked lost) or
-    raises (unreachable: tried again soon, while the lease may still be saved). Never inherited: a child after fork
-    starts with nothing to renew and no thread.
-    """
-
-    def __init__(self, renew: Callable[[RedisHeld], bool], lease: float, name: str) -> None:
-        self._renew = renew
-        self.interval = lease / 3
-        self._name = name
-        self._cond = threading.Condition(threading.Lock())
-        self._due: dict[RedisHeld, float] = {}
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._cond = threading.Condition(threading.Lock())
-            self._due = {}
-            self._thread = None
-
-    def add(self, held: RedisHeld) -> None:
-        self._check_fork()
-        with self._cond:
-            idle = not self._due
-            self._due[held] = time.monotonic() + self.interval
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"lockstore-lease {self._name}", daemon=True)
-                self._thread.start()
-            elif idle:
-                self._cond.notify()
-
-    def remove(self, held: RedisHeld) -> None:
-        self._check_fork()
-        with self._cond:
-            self._due.pop(held, None)
-
-    def close(self) -> None:
-        self._check_fork()
-        with self._cond:
-            self._due.clear()
-            self._thread = None  # the running thread sees that it is no longer the one and ends
-            self._cond.notify()
-
-    def _run(self) -> None:
-        cond, me = self._cond, threading.current_thread()
-        while True:
-            with cond:
-                if cond is not self._cond or me is not self._thread:
-                    return
-                if not self._due:
-                    cond.wait()
-                    continue
-                held, when = min(self._due.items(), key=lambda item: item[1])
-                if (delay := when - time.monotonic()) > 0:
-                    cond.wait(delay)
-                    continue
-                self._due[held] = time.monotonic() + self.interval
-            try:
-                ok = self._renew(held)
-            except Exception:
-                with cond:
-                    if held in self._due:  # unreachable: try again soon, the lease may still be saved
-                        self._due[held] = time.monotonic() + min(self.interval / 4, 1.0)
-                continue
-            if not ok:
-                held.lost = "a renewal found the lease gone: " + TOKEN_GONE
-                with cond:
-                    self._due.pop(held, None)
-
-
 def _after_fork() -> None:
     global _SLOTS_LOCK
     _SLOTS_LOCK = threading.Lock()
@@ -292,5 +242,5 @@ def _after_fork() -> None:
 at_fork(_after_fork)
 
 
-__all__ = ["TOKENS", "TOKEN_GONE", "WAITER_TTL", "Lease", "RedisHeld", "Renewer", "Slot", "as_bytes", "sha", "slot",
-           "text"]
+__all__ = ["GRANT_CAP", "TOKENS", "TOKEN_GONE", "WAITER_TTL", "Call", "Lease", "RedisHeld", "Slot", "as_bytes", "sha",
+           "slot", "text"]
