@@ -24,7 +24,7 @@ from ._formats import AbstractFormatBstr, AbstractFormatFile
 from ._holder import Holder
 from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 async def aread(path: str | os.PathLike[str], default: Any = None, **kwargs: Any) -> Any:

@@ -66,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess
                       'pip install "lockstore[postgres]"', name="psycopg") from exc
 
 from . import _holder
+from ._os import O_CLOEXEC
 from ._backend import Stored
 from ._error import LockLost, LockReentryError, LockTimeout, NotDurableError
 from ._holder import Holder
@@ -297,7 +298,7 @@ def _drop_inherited(pgconn: Any) -> None:
     except psycopg.Error:
         fd = -1
     if fd >= 0:
-        nul = os.open(os.devnull, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        nul = os.open(os.devnull, os.O_RDWR | O_CLOEXEC)
         try:
             os.dup2(nul, fd)  # our copy of the socket is closed; libpq's goodbye now goes to /dev/null
         finally:

@@ -2,7 +2,8 @@
 
 It is the primitive filelock's ``FileLock`` uses (``flock(LOCK_EX)`` on the whole file), on one descriptor per
 process and lock file, with the per-process rules (owners, reentry, fork, arrival order) of ``_owners.py`` done
-once per acquisition instead of ``FileLock``'s thirty-odd system calls. Per process, each lock file has one
+once per acquisition instead of ``FileLock``'s full acquire (it opens the file, resolves its path and checks its
+fork state every time; ``benchmarks/`` measures the difference). Per process, each lock file has one
 :class:`_Slot`, found by the file's (device, inode): two Store objects reaching one lock file by different paths
 (a symlinked directory, a relative path) share it, so the second one nested in the same thread gets
 LockReentryError instead of waiting for itself.
