@@ -6,7 +6,7 @@ The transaction logic (``_txn.py``) drives it the same way for every storage, sy
     held = storage.held(owner, txn)          no resources yet: made first, so cleanup always finds it
     storage.acquire(held, ...)               the lock (and, for a database, its transaction)
     storage.fetch(held, known)               the stored bytes, or None when unchanged since version ``known``
-    storage.save(held, data)                 the new bytes, durable before it returns (fenced: a holder whose
+    storage.save(held, data, last=)          the new bytes, durable before it returns (fenced: a holder whose
                                              lock lapsed gets LockLost and writes nothing)
     storage.release(held)                    idempotent: undoes whatever acquire did, wherever it stopped
 
@@ -60,8 +60,10 @@ class Storage(Protocol):
     def fetch(self, held: object, known: object) -> Stored | None:
         """Holding the lock: what is stored, or None when its version still equals ``known``."""
 
-    def save(self, held: object, data: bytes) -> object:
-        """Holding the lock: store ``data`` durably (as configured); return its version."""
+    def save(self, held: object, data: bytes, *, last: bool = False) -> object:
+        """Holding the lock: store ``data`` durably (as configured); return its version. ``last``: the
+        transaction ends right after, so the storage may release its lock in the same round trip (``release``
+        then only gives back what is left)."""
 
     def set_aside(self, held: object) -> str | None:
         """Holding the lock: move an undecodable stored value out of the way (``on_corrupt="backup"``); return
@@ -89,7 +91,7 @@ class Storage(Protocol):
 
     async def afetch(self, held: object, known: object) -> Stored | None: ...
 
-    async def asave(self, held: object, data: bytes) -> object: ...
+    async def asave(self, held: object, data: bytes, *, last: bool = False) -> object: ...
 
     async def aset_aside(self, held: object) -> str | None: ...
 

@@ -31,9 +31,14 @@ class LockReentryError(LockstoreError, RuntimeError):
     def __str__(self) -> str:
         return (
             f"this thread or task already holds the lock {self.lock_file} (through another Store object on the same "
-            "file, or store.lock), or a task of the event loop running on this thread does, so waiting for it would "
-            "never end; nest transactions of one Store object instead (a nested transaction joins the outer one)"
+            "file or key, or store.lock), or a task of the event loop running on this thread does, so waiting for it "
+            "would never end; nest transactions of one Store object instead (a nested transaction joins the outer "
+            "one)"
         )
+
+
+#: What a LockTimeout tells operators about a file store's lock (server stores pass their own ``hint``).
+FILE_HINT = "deleting the lock file does not help (it breaks mutual exclusion, it does not free the lock)"
 
 
 class LockTimeout(LockstoreError, Timeout):
@@ -41,18 +46,20 @@ class LockTimeout(LockstoreError, Timeout):
 
     Attributes: ``lock_file`` (the sidecar path, or a server's lock key), ``path`` (the data file or target, or
     None), ``waited`` (seconds), ``holder`` (a :class:`lockstore.Holder`: who held the lock when the timeout fired,
-    or None when not visible from here), ``holder_stale`` (a stale record of a killed holder is in the lock file).
+    or None when not visible from here), ``holder_stale`` (a stale record of a killed holder is in the lock file),
+    ``hint`` (what to do, and not to do, about it).
     """
 
     def __init__(
         self, lock_file: str, waited: float, *, path: str | None = None, holder: Holder | None = None,
-        holder_stale: bool = False,
+        holder_stale: bool = False, hint: str | None = None,
     ) -> None:
         Timeout.__init__(self, lock_file)
         self.waited = waited
         self.path = path
         self.holder = holder
         self.holder_stale = holder_stale
+        self.hint = FILE_HINT if hint is None else hint
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.__dict__))
@@ -66,7 +73,7 @@ class LockTimeout(LockstoreError, Timeout):
             text += ": the holder is not visible from here (another host or PID namespace) and left no record"
         if self.holder_stale:
             text += "; the lock file also holds a stale record left by a killed holder (ignored)"
-        return text + "; deleting the lock file does not help (it breaks mutual exclusion, it does not free the lock)"
+        return f"{text}; {self.hint}" if self.hint else text
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.lock_file!r}, waited={self.waited!r})"

@@ -172,7 +172,7 @@ class FileStorage:
             # the version is unknown (the next transaction re-reads) instead of the completed write reported failed.
             return None
 
-    def save(self, held: object, data: bytes) -> object:
+    def save(self, held: object, data: bytes, *, last: bool = False) -> object:
         assert isinstance(held, FileHeld)
         return self._write(held.target, data, held.like)
 
@@ -300,7 +300,7 @@ class FileStorage:
 
         return await in_thread(self.fetch, held, known)
 
-    async def asave(self, held: object, data: bytes) -> object:
+    async def asave(self, held: object, data: bytes, *, last: bool = False) -> object:
         from ._aio import in_thread
 
         return await in_thread(self.save, held, data)

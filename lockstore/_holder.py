@@ -63,8 +63,10 @@ class Holder:
         who = f"pid {self.pid} on host {self.host} ({state})"
         cmd = " ".join(" ".join(arg.split()) for arg in self.cmdline)  # one line, even for python -c "..."
         label = f" [label: {self.label}]" if self.label else ""
-        if self.held_for is None:
+        if not self.recorded:
             return f"held by {who}: {cmd} (it holds the lock without lockstore, so it left no record)"
+        if self.held_for is None:
+            return f"held by {who}: {cmd}{label}"
         return f"held for {self.held_for:.1f} s by {who}: {cmd}{label}"
 
 

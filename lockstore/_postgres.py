@@ -66,10 +66,10 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess
                       'pip install "lockstore[postgres]"', name="psycopg") from exc
 
 from . import _holder
-from ._os import O_CLOEXEC
 from ._backend import Stored
 from ._error import LockLost, LockReentryError, LockTimeout, NotDurableError
 from ._holder import Holder
+from ._os import O_CLOEXEC
 from ._owners import OwnerLock, Ticket, at_fork, conflicts, current_owner
 from ._target import ServerTarget, mask, parse_server
 
@@ -109,8 +109,13 @@ _Row: TypeAlias = tuple[Any, ...]
 _Token: TypeAlias = tuple[int, int]
 
 
-def make(path: str, *, lock: object, durable: bool, poll_interval: float, table: object = DEFAULT_TABLE,
-         **options: Any) -> PgStorage:
+#: What a LockTimeout tells operators about a PostgreSQL store's lock.
+PG_HINT: Final = ("the lock is the row's FOR UPDATE lock: it is freed when its holder's SQL transaction ends, or "
+                  "when the server sees the holder's connection end (a killed client)")
+
+
+def make(path: str, *, lock: object, durable: bool, poll_interval: float, timeout: float = -1.0,
+         table: object = DEFAULT_TABLE, **options: Any) -> PgStorage:
     """The storage of a ``postgresql://`` or ``postgres://`` target (see the module docstring)."""
     server = parse_server(path)
     if options:
@@ -830,7 +835,7 @@ class PgStorage:
                 if state == "55P03" or (state == "57014" and 0 <= held.wait <= waited + 0.001):
                     yield [(b"lockstore_rollback", (), None)]  # then this connection can read who holds it
                     holder = yield from self._holder_steps(quiet=True)
-                    raise LockTimeout(self.lock_name, waited, path=self.target, holder=holder) from None
+                    raise LockTimeout(self.lock_name, waited, path=self.target, holder=holder, hint=PG_HINT) from None
                 raise self.error(exc, "locking") from None
             locked = result.rows(2)
             read = [row[3:] for row in locked] if len(result.sets) == 3 else result.rows(3)  # see _statements
@@ -985,8 +990,8 @@ class PgStorage:
             return self._drive(held.conn, self._value_steps(stored.version))
         return stored
 
-    def save(self, held: object, data: bytes) -> object:
-        assert isinstance(held, PgHeld)
+    def save(self, held: object, data: bytes, *, last: bool = False) -> object:
+        assert isinstance(held, PgHeld)  # the save commits the SQL transaction, which releases the row: always last
         return self._drive(held.conn, self._save_steps(held, data))
 
     def set_aside(self, held: object) -> str | None:
@@ -1051,7 +1056,7 @@ class PgStorage:
             holder = self.holder()
         except OSError:
             holder = None
-        return LockTimeout(self.lock_name, waited, path=self.target, holder=holder)
+        return LockTimeout(self.lock_name, waited, path=self.target, holder=holder, hint=PG_HINT)
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -1167,7 +1172,7 @@ class PgStorage:
             return await self._adrive(held.conn, self._value_steps(stored.version))
         return stored
 
-    async def asave(self, held: object, data: bytes) -> object:
+    async def asave(self, held: object, data: bytes, *, last: bool = False) -> object:
         assert isinstance(held, PgHeld)
         return await self._adrive(held.conn, self._save_steps(held, data))
 

@@ -44,7 +44,7 @@ from . import _redis_scripts as scripts
 from ._backend import Stored
 from ._error import LockTimeout, NotDurableError
 from ._redis_aio import AsyncHalf, close_clients, give_turn, stop_renewal
-from ._redis_lease import TOKENS, Call, Lease, RedisHeld, as_bytes, sha, text
+from ._redis_lease import REDIS_HINT, TOKENS, Call, Lease, RedisHeld, as_bytes, sha, text
 from ._redis_renew import Renewer
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ RETRY_PAUSES: Final = (0.05, 0.25)
 _WARNED: set[str] = set()
 
 
-def make(path: str, *, lock: object, durable: bool, poll_interval: float, lease: object = DEFAULT_LEASE,
-         **options: Any) -> RedisStorage:
+def make(path: str, *, lock: object, durable: bool, poll_interval: float, timeout: float = -1.0,
+         lease: object = DEFAULT_LEASE, **options: Any) -> RedisStorage:
     """The storage of a ``redis://``, ``rediss://`` or ``unix://`` target (see the module docstring)."""
     from ._target import parse_server
 
@@ -224,7 +224,9 @@ class RedisStorage(AsyncHalf):
             return None
         return self.stored(as_bytes(reply[1]) if reply[0] == 2 else None)
 
-    def save(self, held: object, data: bytes) -> object:
+    def save(self, held: object, data: bytes, *, last: bool = False) -> object:
+        if last:
+            return self.save_last(held, data)
         assert isinstance(held, RedisHeld)
         self.lease.check(held, self.target)
         try:
@@ -240,9 +242,9 @@ class RedisStorage(AsyncHalf):
         return version
 
     def save_last(self, held: object, data: bytes) -> object:
-        """:meth:`save` and :meth:`release` in one round trip, for the last write of a transaction (the engine does
-        not say which write is the last yet: ``commit()`` inside a block writes and keeps the lock). After it,
-        ``release(held)`` only gives back what this process holds."""
+        """:meth:`save` and :meth:`release` in one round trip, for the last write of a transaction (``last=True``;
+        ``commit()`` inside a block writes and keeps the lock). After it, ``release(held)`` only gives back what
+        this process holds."""
         assert isinstance(held, RedisHeld)
         self.lease.check(held, self.target)
         self.stop_renewing(held)
@@ -362,7 +364,7 @@ class RedisStorage(AsyncHalf):
             holder = self.holder()
         except OSError:
             holder = None
-        return LockTimeout(self.lock_name, waited, path=self.target, holder=holder)
+        return LockTimeout(self.lock_name, waited, path=self.target, holder=holder, hint=REDIS_HINT)
 
     def close(self) -> None:
         """Close the connections and stop the renewal thread (both come back when the store is used again)."""

@@ -25,7 +25,7 @@ import redis.asyncio
 from . import _redis_scripts as scripts
 from ._error import LockReentryError, LockTimeout
 from ._owners import at_fork
-from ._redis_lease import TOKENS, Call, RedisHeld, Slot, as_bytes
+from ._redis_lease import REDIS_HINT, TOKENS, Call, RedisHeld, Slot, as_bytes
 
 if TYPE_CHECKING:
     from ._backend import Stored
@@ -237,7 +237,7 @@ async def _timeout(storage: RedisStorage, waited: float) -> LockTimeout:
     except (redis.RedisError, OSError):
         value = None
     holder = await asyncio.to_thread(storage.lease.holder_of, value)  # may import psutil
-    return LockTimeout(storage.lock_name, waited, path=storage.target, holder=holder)
+    return LockTimeout(storage.lock_name, waited, path=storage.target, holder=holder, hint=REDIS_HINT)
 
 
 async def _renew(storage: RedisStorage, held: RedisHeld, first: float) -> None:
@@ -329,8 +329,10 @@ class AsyncHalf:
         assert isinstance(held, RedisHeld)
         return await fetch(self, held, known)
 
-    async def asave(self: Any, held: object, data: bytes) -> object:
+    async def asave(self: Any, held: object, data: bytes, *, last: bool = False) -> object:
         assert isinstance(held, RedisHeld)
+        if last:
+            return await save_last(self, held, data)
         return await save(self, held, data)
 
     async def asave_last(self: Any, held: object, data: bytes) -> object:

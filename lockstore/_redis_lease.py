@@ -51,6 +51,10 @@ GRANT_CAP: Final = 16384
 TOKEN_GONE: Final = "the lock key no longer holds this transaction's token: its lease ran out and another process " \
                     "may hold the lock now"
 
+#: What a LockTimeout tells operators about a Redis store's lock.
+REDIS_HINT: Final = ("deleting the lock key breaks mutual exclusion; a killed holder's lock frees itself when its "
+                     "lease ends")
+
 
 class Slot(OwnerLock):
     """One store (server, db, key) in this process: which thread or task of ours may contend for its lock."""

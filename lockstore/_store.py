@@ -13,7 +13,7 @@ from ._error import CorruptStoreError, TransactionLockError
 from ._formats import resolve
 from ._os import read_bytes
 from ._owners import Ticket, current_owner
-from ._target import make_storage
+from ._target import make_storage, scheme_of
 from ._txn import BLOCK, COMMIT, Core, Transaction, release_abandoned
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ class Store(Generic[T]):
         poll = _options.positive(poll_interval, "poll_interval")
         self.durable = _options.flag(durable, "durable")
         corrupt = _options.on_corrupt(on_corrupt)
-        storage = make_storage(path, lock=lock, durable=self.durable, poll_interval=poll, options=target_options)
+        storage = make_storage(path, lock=lock, durable=self.durable, poll_interval=poll, timeout=wait,
+                               options=target_options)
         self._core: Core[T] = Core(self, storage, fmt, default, timeout=wait, poll_interval=poll, on_corrupt=corrupt)
         self._with_depth: dict[object, int] = {}
         self._finalizer = weakref.finalize(self, storage.close)
@@ -373,16 +374,18 @@ def read(
     format: object = None,
     is_binary: bool | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
+    **target_options: Any,
 ) -> Any:
     """Read the value in ``path`` without any lock; ``default`` (a deep copy) when nothing is stored.
 
-    Raises CorruptStoreError when the value cannot be decoded, OSError naming the path for other failures.
+    ``path`` may be a server target, with its options (``table=`` for PostgreSQL). Raises CorruptStoreError when
+    the value cannot be decoded, OSError naming the path for other failures.
     """
     fmt = _JSON if format is None and is_binary is None and not load_kwargs else resolve(
         format, is_binary=is_binary, load_kwargs=load_kwargs)
     target = os.fspath(path)
-    if "://" in target:
-        return _read_server(target, default, fmt)
+    if scheme_of(target) is not None or target_options:
+        return _read_server(target, default, fmt, target_options)
     try:
         data = read_bytes(target)
     except FileNotFoundError:
@@ -393,8 +396,9 @@ def read(
         raise CorruptStoreError(target, f"cannot be decoded as {fmt.name}: {exc}") from exc
 
 
-def _read_server(target: str, default: Any, fmt: Any) -> Any:
-    storage = make_storage(target, lock=True, durable=False, poll_interval=DEFAULT_POLL_INTERVAL, options={})
+def _read_server(target: str, default: Any, fmt: Any, options: dict[str, Any]) -> Any:
+    storage = make_storage(target, lock=True, durable=False, poll_interval=DEFAULT_POLL_INTERVAL,
+                           timeout=DEFAULT_TIMEOUT, options=options)
     try:
         data = storage.load().data
     finally:

@@ -74,13 +74,15 @@ def parse_server(target: str) -> ServerTarget:
 
 
 def make_storage(path: str | os.PathLike[str], *, lock: object, durable: bool, poll_interval: float,
-                 options: dict[str, Any]) -> Storage:
-    """The storage for ``path``; raises TypeError for options that do not apply to it."""
+                 timeout: float, options: dict[str, Any]) -> Storage:
+    """The storage for ``path``; raises TypeError for options that do not apply to it. ``timeout`` is the Store's
+    lock timeout (-1.0: none), which a server store may use to bound a connection attempt."""
     if isinstance(path, str) and (scheme := scheme_of(path)) is not None:
         import importlib
 
         module = importlib.import_module(f"lockstore.{SERVER_SCHEMES[scheme]}")
-        storage: Storage = module.make(path, lock=lock, durable=durable, poll_interval=poll_interval, **options)
+        storage: Storage = module.make(path, lock=lock, durable=durable, poll_interval=poll_interval, timeout=timeout,
+                                       **options)
         return storage
     if options:
         names = ", ".join(sorted(options))

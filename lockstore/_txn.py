@@ -367,7 +367,7 @@ class Transaction(Generic[T]):
             data = self._to_write()
             if data is not None:
                 try:
-                    self._written(data, self.core.storage.save(self.held, data))
+                    self._written(data, self.core.storage.save(self.held, data, last=True))
                 except DurabilityUnknownError:
                     self._written(data, None)  # in place; only its durability is unknown
                     raise
@@ -427,7 +427,7 @@ class Transaction(Generic[T]):
             data = await in_thread(self._to_write)
             if data is not None:
                 try:
-                    self._written(data, await self.core.storage.asave(self.held, data))
+                    self._written(data, await self.core.storage.asave(self.held, data, last=True))
                 except DurabilityUnknownError:
                     self._written(data, None)
                     raise

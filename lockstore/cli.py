@@ -13,13 +13,15 @@ arguments are parsed and psutil only when a holder is described (``lockstore._ho
 
 Exit codes:
   0    success
-  1    the lock was busy: timeout (-w) or -n; -E/--conflict-exit-code CODE picks another code
+  1    the lock was busy: timeout (-w) or -n, or a server lock's lease lapsed (nothing was written); run it again
+       later; -E/--conflict-exit-code CODE picks another code
   2    usage error (bad arguments or KEY)
   3    key error: KEY is missing (get, delete), or its path crosses a value of the wrong type
        (a string where a dict or list is needed, incr of a non-number, append to a non-list, a list index out of
        range for get and delete, a negative index before a list's start, or a list to grow by over 10,000 items)
   4    data error: FILE cannot be decoded (it is left untouched) or the value cannot be encoded
-  5    I/O error: permission denied, missing directory, disk full, read-only file system...
+  5    I/O error: permission denied, missing directory, disk full, read-only file system, a server unreachable
+       or refusing the password, a server that does not make commits durable (--no-durable)...
   6    a module this command needs is not installed (the message names the extra to install)
   130  interrupted (Ctrl-C)
 """
@@ -110,7 +112,17 @@ def _exit_code(text: str) -> int:
 def _open(args: argparse.Namespace) -> Store[Any]:
     import lockstore
 
-    return lockstore.open(args.file, default={}, format=args.format, durable=args.durable)
+    return lockstore.open(args.file, default={}, format=args.format, durable=args.durable, **_target_options(args))
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--table`` and ``--lease``, for the server targets that take them (only when given)."""
+    options: dict[str, Any] = {}
+    if getattr(args, "table", None) is not None:
+        options["table"] = args.table
+    if getattr(args, "lease", None) is not None:
+        options["lease"] = args.lease
+    return options
 
 
 def _transact(args: argparse.Namespace, change: Callable[[Any, argparse.Namespace], Any]) -> Any:
@@ -152,7 +164,7 @@ def _print_json(value: Any, *, raw: bool = False) -> None:
 def _cmd_get(args: argparse.Namespace) -> int:
     import lockstore
 
-    value = lockstore.read(args.file, default={}, format=args.format)
+    value = lockstore.read(args.file, default={}, format=args.format, **_target_options(args))
     _print_json(value if args.key is None else _keys.lookup(value, args.key), raw=args.raw)
     return EXIT_OK
 
@@ -222,7 +234,7 @@ def _describe_lines(holder: Holder, *, waiting: bool = False) -> list[str]:
 def _cmd_holder(args: argparse.Namespace) -> int:
     import lockstore
 
-    store = lockstore.open(args.file, format=_Opaque, is_binary=True)
+    store = lockstore.open(args.file, format=_Opaque, is_binary=True, **_target_options(args))
     holder = store.holder()
     waiting = store.waiters()
     if args.json:
@@ -270,9 +282,20 @@ _VALUE_HELP: Final = ("JSON (42, true, null, [1,2], {\"a\":1}, '\"quoted\"'); an
                       "put -- before a VALUE that starts with - and is not a number")
 
 
+_FILE_HELP: Final = ("the data file (a missing file starts as {}), or a server target: "
+                     "postgresql://USER@HOST:PORT/DB#KEY, redis://HOST:PORT/DB#KEY")
+
+
 def _add_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="the data file (a missing file starts as {})")
+    p.add_argument("file", metavar="FILE", help=_FILE_HELP)
     p.add_argument("--format", choices=_FORMATS, default=None, help="the file's format (default: json)")
+    _add_target_options(p)
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", default=None, help="PostgreSQL targets: the table (default lockstore)")
+    p.add_argument("--lease", type=_seconds, default=None, metavar="SECONDS",
+                   help="Redis targets: the lock's lease (default 30)")
 
 
 def _add_locking(p: argparse.ArgumentParser) -> None:
@@ -316,7 +339,8 @@ def _args_delete(p: argparse.ArgumentParser) -> None:
 
 
 def _args_holder(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="the data file (its lock is FILE.lock)")
+    p.add_argument("file", metavar="FILE", help=_FILE_HELP + " (a file's lock is FILE.lock)")
+    _add_target_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object for machines")
 
 
@@ -390,14 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None).parse_args(argv)
-    from . import CorruptStoreError, LockTimeout, SerializationError
+    from . import CorruptStoreError, LockLost, LockTimeout, NotDurableError, SerializationError
 
     try:
         code: int = args.func(args)
         sys.stdout.flush()
-    except LockTimeout as exc:
+    except (LockTimeout, LockLost) as exc:  # both mean: run it again later
         _error(str(exc))
         return int(getattr(args, "conflict_exit_code", EXIT_CONFLICT))
+    except NotDurableError as exc:
+        _error(f"{exc} (on the command line: --no-durable)")
+        return EXIT_IO
     except _keys.KeyPathError as exc:
         _error(f"key error: {exc}")
         return EXIT_KEY
@@ -407,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         _error(str(exc))
         return EXIT_MISSING
+    except (TypeError, ValueError) as exc:  # an option the target does not take, a target without #KEY...
+        _error(str(exc))
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (``lockstore get f | head``); silence the interpreter's flush at exit too.
         import os

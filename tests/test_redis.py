@@ -977,7 +977,10 @@ def test_fairness_first_come_first_served(url: str, capsys: pytest.CaptureFixtur
         print(f"\n8 processes: longest wait / (8 x median single-process transaction) = {ratio:.1f}x")
     # The negative control: a free lock to whoever asks first (no hand-over): releasers barge in ahead of the woken
     # waiter.
-    checked, skipped, _ = fifo_run(url, 8, 8, barging=True)
+    for _ in range(5):  # barging shows up by chance: give it a few rounds, but it must show up
+        checked, skipped, _ = fifo_run(url, 8, 15, barging=True)
+        if skipped:
+            break
     assert checked > 15 and skipped > 0
 
 
