@@ -250,25 +250,18 @@ class DiskCache(Competitor):
             return int(cache.get("n"))
 
 
-def no_record_lock(path: str) -> Any:
-    """lockstore's sidecar lock with the holder record switched off (a subclass; lockstore itself is untouched)."""
-    from lockstore import _lock
+def no_record_lock(store: Any, path: str) -> None:
+    """Switch the holder record off in ``store`` (a SidecarLock subclass that writes none; lockstore is untouched):
+    the store's lock becomes a fixed sidecar ``<path>.lock`` whose ``_mark`` writes nothing (so nothing is blanked)."""
+    from lockstore import _sidecar
 
-    class NoRecordLock(_lock.SidecarLock):
-        @staticmethod
-        def _mark(shared: Any, fd: int, label: str | None) -> bool:
+    class NoRecordLock(_sidecar.SidecarLock):
+        def _mark(self, slot: Any, label: str | None) -> bool:
             return False
 
-        def release(self) -> None:
-            # ``writable`` only gates the record's truncation here; one thread per store in the benchmarks.
-            shared = self._shared
-            shared.writable = False
-            try:
-                super().release()
-            finally:
-                shared.writable = True
-
-    return NoRecordLock(path + ".lock", data_path=path)
+    storage = store._core.storage
+    storage.native = False
+    storage._fixed = NoRecordLock(path + ".lock", data_path=path)
 
 
 class Lockstore(Competitor):
@@ -289,7 +282,7 @@ class Lockstore(Competitor):
         if self.timeout is not None:
             store.timeout = self.timeout
         if not self.record:
-            store._lock = no_record_lock(path)
+            no_record_lock(store, path)
 
         def op() -> float:
             start = perf_counter()

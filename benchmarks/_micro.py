@@ -181,7 +181,7 @@ def holder_record(root: str, n: int, repeats: int) -> tuple[Samples, Samples]:
             floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
             store = lockstore.open(path, durable=durable)
             if not record:
-                store._lock = no_record_lock(path)
+                no_record_lock(store, path)
             stores[durable, record] = store
 
     def txn(durable: bool, record: bool) -> Callable[[], None]:

@@ -20,7 +20,7 @@ import hashlib
 import os
 import secrets
 import stat
-from typing import IO, Any
+from typing import Any
 
 from atomicwrites import AtomicWriter
 
@@ -52,6 +52,25 @@ def resolve_target(path: str) -> str:
     return os.path.realpath(path)
 
 
+class _Temp:
+    """The temp file as atomicwrites' hooks see it: its descriptor, which the writer's ``fds`` list owns (closing
+    this object closes nothing). Lighter than a file object, and nothing for the garbage collector to close."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __enter__(self) -> _Temp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no types
     """atomicwrites' writer with a store's defaults (see the module docstring).
 
@@ -62,9 +81,10 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
     """
 
     def __init__(self, target: str, *, durable: bool, like: os.stat_result | None, fds: list[int], name: str,
-                 scratch: list[int]) -> None:
+                 scratch: list[int], prefix: str | None) -> None:
         super().__init__(target, mode="wb", overwrite=True)
         self.target = target
+        self.prefix = prefix
         self.name = name
         self.scratch = scratch
         self.durable = durable
@@ -74,8 +94,8 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
         self.renaming = False
         self.renamed = False
 
-    def get_fileobject(self, **_: Any) -> IO[bytes]:
-        prefix = temp_prefix(self.target)
+    def get_fileobject(self, **_: Any) -> _Temp:
+        prefix = self.prefix or temp_prefix(self.target)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
         while True:
             self.temp = prefix + secrets.token_hex(_TOKEN_BYTES) + _TEMP_SUFFIX
@@ -86,7 +106,7 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
             break
         if self.like is not None:
             self._copy_metadata(fd, self.like)
-        return os.fdopen(fd, "wb", buffering=0, closefd=False)
+        return _Temp(fd)
 
     @staticmethod
     def _copy_metadata(fd: int, like: os.stat_result) -> None:
@@ -97,11 +117,11 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
         if stat.S_IMODE(new.st_mode) != stat.S_IMODE(like.st_mode):
             os.fchmod(fd, stat.S_IMODE(like.st_mode))
 
-    def sync(self, f: IO[bytes]) -> None:
+    def sync(self, f: _Temp) -> None:
         if self.durable:
             os.fsync(f.fileno())
 
-    def commit(self, f: IO[bytes]) -> None:
+    def commit(self, f: _Temp) -> None:
         assert self.temp is not None
         self.renaming = True
         os.replace(self.temp, self.target)
@@ -113,7 +133,7 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
         """Whether the new file replaced the target (also when an interrupt came right after the rename)."""
         return self.renamed or (self.renaming and self.temp is not None and not os.path.lexists(self.temp))
 
-    def rollback(self, f: IO[bytes] | None) -> None:
+    def rollback(self, f: _Temp | None) -> None:
         if self.temp is not None and self.fds and not self.in_place():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp)
@@ -138,7 +158,7 @@ def sync_directory(directory: str, target: str, dfds: list[int]) -> None:
 
 
 def write(target: str, data: bytes, *, durable: bool, like: os.stat_result | None, into: list[int],
-          scratch: list[int], name: str | None = None) -> None:
+          scratch: list[int], name: str | None = None, prefix: str | None = None) -> None:
     """Atomically replace ``target`` (already resolved: see :func:`resolve_target`) with ``data``.
 
     ``like`` is the stat of the file being replaced (its mode, owner and group are kept), or None for a new file.
@@ -147,9 +167,11 @@ def write(target: str, data: bytes, *, durable: bool, like: os.stat_result | Non
     file is gone and ``into`` is empty again; the OSError names ``name`` (default: ``target``), the path the caller
     knows. DurabilityUnknownError means the new file is in place (its descriptor is in ``into``) but its directory
     could not be synced. ``scratch`` is an empty list for a passing descriptor (the directory's), which the caller
-    empties with ``close_all`` should an interrupt leave one there.
+    empties with ``close_all`` should an interrupt leave one there. ``prefix``: ``temp_prefix(target)``, when the
+    caller keeps it.
     """
-    writer = _Writer(target, durable=durable, like=like, fds=into, name=name or target, scratch=scratch)
+    writer = _Writer(target, durable=durable, like=like, fds=into, name=name or target, scratch=scratch,
+                     prefix=prefix)
     try:
         with writer.open() as f:
             view = memoryview(data)

@@ -88,6 +88,7 @@ class FileStorage:
         self._next: list[int] = []  # a descriptor being opened or written, becoming the pin
         self._scratch: list[int] = []  # a passing descriptor (the directory's, for its fsync)
         self._swept: set[str] = set()
+        self._prefixes: dict[str, str] = {}  # temp_prefix() of each target written
         self._filelock: BaseFileLock | None = None
 
     @property
@@ -161,8 +162,11 @@ class FileStorage:
         # Descriptors an interrupt left in our lists last time are closed now (each list is only ever ours).
         close_all(self._next)
         close_all(self._scratch)
+        prefix = self._prefixes.get(target)
+        if prefix is None:
+            prefix = self._prefixes[target] = _atomic.temp_prefix(target)
         _atomic.write(target, data, durable=self.durable, like=like, into=self._next, scratch=self._scratch,
-                      name=self.path)
+                      name=self.path, prefix=prefix)
         fd = self._next[0]
         self._rotate()
         try:

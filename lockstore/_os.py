@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import os
 from typing import Final
 
@@ -34,15 +35,14 @@ def dup_into(fds: list[int], fd: int) -> int:
 def close_all(fds: list[int]) -> None:
     """Close and forget every descriptor in ``fds``, each exactly once, ignoring errors (cleanup only).
 
-    C code pops each descriptor and closes it (``iter(fds.pop, ...)`` feeding ``map(os.close, ...)``), so an
-    interrupt can neither leave a closed descriptor in the list (a second cleanup would close a number that another
-    thread may have been given since) nor drop one from the list unclosed.
+    C code pops each descriptor and closes it (``islice(iter(fds.pop, None), n)`` feeding ``map(os.close, ...)``),
+    so an interrupt can neither leave a closed descriptor in the list (a second cleanup would close a number that
+    another thread may have been given since) nor drop one from the list unclosed. ``islice`` stops after the
+    descriptors there are, so no IndexError is raised (and paid for) on the way.
     """
     while fds:
         try:
-            collections.deque(map(os.close, iter(fds.pop, None)), maxlen=0)
-        except IndexError:  # the list is empty
-            return
+            collections.deque(map(os.close, itertools.islice(iter(fds.pop, None), len(fds))), maxlen=0)
         except OSError:  # that descriptor was popped; on Linux close() releases it even when it reports an error
             continue
 

@@ -97,32 +97,35 @@ class OwnerLock:
         self._guard = threading.Lock()
         self.ticket: Ticket | None = None
         self._queue: collections.deque[Ticket] = collections.deque()
-        self._generation = _generation
+        self._generation = FORKS[0]
 
     def _check_fork(self) -> None:
-        if self._generation != _generation:
+        if self._generation != FORKS[0]:
             # Inherited through fork: whoever held or waited was a thread of the parent.
             self._guard = threading.Lock()
             self.ticket = None
             self._queue = collections.deque()
-            self._generation = _generation
+            self._generation = FORKS[0]
 
     def owner(self) -> object:
         """The owner holding it now, or None (a holder that vanished without giving it back counts as none)."""
-        self._check_fork()
+        if self._generation != FORKS[0]:
+            self._check_fork()
         ticket = self.ticket
         if ticket is None or ticket.abandoned():
             return None
         return ticket.owner
 
     def held_by(self, ticket: Ticket) -> bool:
-        self._check_fork()
+        if self._generation != FORKS[0]:
+            self._check_fork()
         return self.ticket is ticket
 
     def take(self, ticket: Ticket, timeout: float) -> bool:
         """Make ``ticket`` the holder, waiting up to ``timeout`` s (negative: forever, 0: no wait) behind earlier
         tickets. On any exception, and after False, the caller's cleanup is ``give(ticket)``."""
-        self._check_fork()
+        if self._generation != FORKS[0]:
+            self._check_fork()
         with self._guard:
             if self.ticket is not None and self.ticket.abandoned():
                 self._pass_on()
@@ -154,7 +157,8 @@ class OwnerLock:
     def give(self, ticket: Ticket) -> None:
         """Let go of the lock if ``ticket`` holds it (handing it to the next waiter), or withdraw ``ticket`` from
         the queue; does nothing otherwise, so cleanup code may call it whatever happened before."""
-        self._check_fork()
+        if self._generation != FORKS[0]:
+            self._check_fork()
         with self._guard:
             if self.ticket is ticket:
                 self._pass_on()
@@ -171,6 +175,8 @@ class OwnerLock:
             self.ticket = None
 
     def _remove(self, ticket: Ticket) -> None:
+        if ticket.wake is None:
+            return  # never queued
         try:
             self._queue.remove(ticket)
         except ValueError:

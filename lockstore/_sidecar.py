@@ -80,8 +80,8 @@ class _TimedOut(Exception):
 class _Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
 
-    __slots__ = ("external", "fds", "flocked", "key", "record_len", "refs", "released_at", "waited", "waiters",
-                 "writable")
+    __slots__ = ("external", "external_count", "fds", "flocked", "key", "record_len", "refs", "released_at", "waited",
+                 "waiters", "writable")
 
     def __init__(self, key: tuple[int, int]) -> None:
         super().__init__()
@@ -96,6 +96,7 @@ class _Slot(OwnerLock):
         self.released_at = 0.0
         # FileLocks handed out as ``store.lock`` on this file (their is_locked answers for the calling thread).
         self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
+        self.external_count = 0  # how many were ever handed out: most slots have none, and need no look
 
     def close_files(self, *, forked: bool = False) -> None:
         """Close our descriptors and stop the waiter (never unlocks: only for an idle slot, or after fork)."""
@@ -105,7 +106,7 @@ class _Slot(OwnerLock):
         close_all(self.fds)
 
     def held_by_filelock_here(self) -> bool:
-        return any(lock.is_locked for lock in self.external)
+        return bool(self.external_count) and any(lock.is_locked for lock in self.external)
 
 
 _SLOTS: dict[tuple[int, int], _Slot] = {}
@@ -503,6 +504,7 @@ class SidecarLock:
         slot = self._find_slot()
         lock = StoreFileLock(self.lock_file, timeout=timeout, slot=slot)
         slot.external.add(lock)
+        slot.external_count += 1
         return lock
 
     def held_here(self, held: Held) -> bool:

@@ -311,7 +311,9 @@ class Transaction(Generic[T]):
         self.core.watches.add(self.watch)  # dropped again by _disarm, or (dead) by the next _arm
 
     def _disarm(self) -> None:
+        # Dropped, not only discarded: a weak reference still alive when this object dies would call back.
         self.core.watches.discard(self.watch)
+        self.watch = None
 
     def _begin(self) -> None:
         """Before taking anything: release what dropped transactions left, and forget their watches."""
