@@ -36,7 +36,7 @@ def increment(path: str, n: int, durable: bool = False) -> None:
             s.value += 1
 
 
-def increment_inherited(store: lockstore.Store, n: int) -> None:
+def increment_inherited(store: lockstore.Store[int], n: int) -> None:
     """Run ``n`` increments on a store object created before fork (fork start method only)."""
     for _ in range(n):
         with store.transaction() as s:
@@ -198,7 +198,7 @@ def _cmd_hold(path: str, label: str, soft: str = "", *padding: str) -> None:
 
 def _cmd_hold_in_write(path: str) -> None:
     """Block inside the atomic write, after the temp file is written and before the rename, for a SIGKILL."""
-    store = lockstore.open(path, default=0, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(path, default=0, durable=False)
 
     def paused_replace(src: str, dst: str) -> None:
         _ready(json.dumps({"temp": src}))

@@ -50,7 +50,9 @@ def _handler(code: Any, offset: int) -> int:
     """The exception handler (its target offset, or -1) covering the instruction at ``offset`` of ``code``."""
     entries = _HANDLERS.get(code)
     if entries is None:
-        entries = _HANDLERS[code] = [(e.start, e.end, e.target) for e in dis.Bytecode(code).exception_entries]
+        # exception_entries exists at runtime on 3.11+ but is missing from typeshed's dis.Bytecode
+        table = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]
+        entries = _HANDLERS[code] = [(e.start, e.end, e.target) for e in table]
     for start, end, target in entries:
         if start <= offset < end:
             return target
@@ -85,9 +87,9 @@ class Injector:
             if previous is None:
                 return self._local
             before, at = previous
-            if (before in _CALLS and op not in _CALLS) or before in _BACK:
-                if _handler(code, at) == _handler(code, here):
-                    self._point(frame, f"after {before.lower()}, before {op}")
+            after_call = (before in _CALLS and op not in _CALLS) or before in _BACK
+            if after_call and _handler(code, at) == _handler(code, here):
+                self._point(frame, f"after {before.lower()}, before {op}")
         elif event == "return":
             self._last.pop(id(frame), None)
         return self._local

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import filelock
 import pytest
@@ -85,7 +86,7 @@ def test_negative_control_tasks_without_a_transaction_lose_updates(tmp_path: Pat
             store = lockstore.open(path, default=0, durable=False)
             value = await lockstore.aread(path)
             await barrier.wait()
-            store.value = value + 1  # type: ignore[operator]
+            store.value = value + 1
             await asyncio.to_thread(store.commit)
 
         await asyncio.gather(*(worker() for _ in range(10)))
@@ -282,7 +283,7 @@ def test_two_tasks_are_told_apart(tmp_path: Path) -> None:
     assert lockstore.read(path) == 2
 
 
-async def _increment(store: lockstore.Store) -> None:
+async def _increment(store: lockstore.Store[int]) -> None:
     async with store.atransaction(timeout=DEADLINE) as s:
         s.value += 1
 
@@ -441,7 +442,7 @@ def test_aread(tmp_path: Path) -> None:
 
     async def main() -> tuple[object, object, object]:
         missing = await lockstore.aread(path, default={"fresh": True})
-        with lockstore.open(path, default=[]) as s:
+        with lockstore.open(path, default=cast("list[int]", [])) as s:
             s.value.append(1)
         return missing, await lockstore.aread(path), await lockstore.aread(str(path), None, format="json")
 

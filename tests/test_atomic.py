@@ -92,7 +92,7 @@ def test_long_file_name_with_lock(tmp_path: Path) -> None:
 
 def test_serialization_error_leaves_old_file(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={"a": 1}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"a": 1}, durable=False)
     store.commit()
     before = snapshot(p)
     store.value = {"a": {1, 2}}

@@ -89,7 +89,7 @@ def test_store_created_before_fork(tmp_path: Path) -> None:
     assert lockstore.read(p) == (N_PROCS + 1) * M_INCREMENTS
 
 
-def _child_tries(store: lockstore.Store, result: multiprocessing.queues.Queue[str]) -> None:
+def _child_tries(store: lockstore.Store[int], result: multiprocessing.queues.Queue[str]) -> None:
     try:
         with store.transaction(blocking=False):
             result.put("acquired")
@@ -131,7 +131,7 @@ def test_two_store_objects_same_path_threads(tmp_path: Path) -> None:
     p = str(tmp_path / "counter.json")
     stores = [lockstore.open(p, default=0, durable=False, timeout=-1) for _ in range(2)]
 
-    def work(store: lockstore.Store) -> Callable[[], None]:
+    def work(store: lockstore.Store[int]) -> Callable[[], None]:
         def inner() -> None:
             for _ in range(100):
                 with store.transaction() as s:

@@ -22,9 +22,10 @@ from typing import Any
 
 import filelock
 import pytest
+from _children import DEADLINE, Child
 
 import lockstore
-from _children import DEADLINE, Child
+
 
 # ----------------------------------------------------------------------------------- 1. threads sharing a Store
 def test_commit_of_another_thread_never_writes_an_uncommitted_value(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
 
 def test_with_store_depth_is_per_thread(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, durable=False, ignore_inner_exits=True)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False, ignore_inner_exits=True)
     inside, go = threading.Event(), threading.Event()
 
     def outer() -> None:
@@ -314,7 +315,7 @@ def test_a_filelock_instance_held_by_the_caller_is_joined(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------------- 5. savepoints
 def test_failed_savepoint_keeps_nested_references_and_earlier_work(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={"jobs": [], "meta": {"runs": 0}}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"jobs": [], "meta": {"runs": 0}}, durable=False)
     with store.transaction() as s:
         jobs = s.value["jobs"]
         meta = s.value["meta"]
@@ -335,7 +336,7 @@ def test_failed_savepoint_keeps_nested_references_and_earlier_work(tmp_path: Pat
 
 def test_savepoint_of_an_unencodable_value_restores_it_exactly(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={"n": 0}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"n": 0}, durable=False)
     with store.transaction() as s:
         s.value["n"] = 5  # earlier work
         s.value["tmp"] = {3, 1}  # not JSON: the savepoint cannot go through the format

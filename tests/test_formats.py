@@ -79,7 +79,7 @@ def fmt(request: pytest.FixtureRequest) -> dict[str, Any]:
 def test_round_trip_commit_open_read(tmp_path: Path, fmt: dict[str, Any]) -> None:
     p = tmp_path / "d.bin"
     value = {"name": "é✓", "n": 3, "items": [1, 2, {"x": None}]}
-    store = lockstore.open(p, default={}, durable=False, **fmt)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False, **fmt)
     store.value = value
     store.commit()
     assert lockstore.open(p, **fmt).value == value
@@ -114,7 +114,7 @@ def test_corrupt_file_raises(tmp_path: Path, fmt: dict[str, Any]) -> None:
 
 def test_unencodable_value_raises_serialization_error(tmp_path: Path, fmt: dict[str, Any]) -> None:
     p = tmp_path / "d.bin"
-    store = lockstore.open(p, default={"ok": 1}, durable=False, **fmt)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"ok": 1}, durable=False, **fmt)
     store.commit()
     before = p.read_bytes()
     store.value = {"bad": lambda: None}  # neither JSON, pickle nor BSON can encode a lambda
@@ -126,7 +126,7 @@ def test_unencodable_value_raises_serialization_error(tmp_path: Path, fmt: dict[
 
 def test_dump_kwargs_separators(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, dump_kwargs={"separators": (",", ":")}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, dump_kwargs={"separators": (",", ":")}, durable=False)
     store.value = {"a": 1, "b": [1, 2]}
     store.commit()
     assert p.read_bytes() == b'{"a":1,"b":[1,2]}'
@@ -134,8 +134,8 @@ def test_dump_kwargs_separators(tmp_path: Path) -> None:
 
 def test_dump_kwargs_for_file_format(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, format=JsonFile(), is_binary=False, dump_kwargs={"indent": 1},
-                           durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, format=JsonFile(), is_binary=False,
+                                                 dump_kwargs={"indent": 1}, durable=False)
     store.value = {"a": 1}
     store.commit()
     assert p.read_bytes() == b'{\n "a": 1\n}'
@@ -174,7 +174,7 @@ def _reject(name: str) -> Any:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_json_rejects_nan_and_infinities(tmp_path: Path, bad: float) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={"x": 1}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"x": 1}, durable=False)
     store.commit()
     before = p.read_bytes()
     store.value = {"x": bad}

@@ -93,7 +93,7 @@ def test_negative_timeout_waits_for_the_holder(tmp_path: Path) -> None:
     assert seen == [1]  # the waiter entered only after the holder's write
 
 
-def _read_in_transaction(store: lockstore.Store) -> object:
+def _read_in_transaction(store: lockstore.Store[int]) -> object:
     with store.transaction() as s:
         return s.value
 

@@ -58,7 +58,7 @@ def test_default_not_mutated_by_transactions_and_reset(tmp_path: Path) -> None:
 
 def test_commit_writes_value(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False)
     store.value["x"] = [1, "é"]
     store.commit()
     assert json.loads(p.read_bytes()) == {"x": [1, "é"]}
@@ -67,6 +67,7 @@ def test_commit_writes_value(tmp_path: Path) -> None:
 
 def test_with_store_commits_on_exit(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
+    s: lockstore.Store[Any]
     with lockstore.open(p, default={}, durable=False) as s:
         assert isinstance(s, lockstore.Store)
         s.value["a"] = 1
@@ -76,7 +77,7 @@ def test_with_store_commits_on_exit(tmp_path: Path) -> None:
 
 def test_nested_with_commits_on_every_exit(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False)
     with store:
         with store:
             store.value["a"] = 1
@@ -87,7 +88,7 @@ def test_nested_with_commits_on_every_exit(tmp_path: Path) -> None:
 
 def test_nested_with_ignore_inner_exits_commits_only_outermost(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, ignore_inner_exits=True, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, ignore_inner_exits=True, durable=False)
     with store:
         with store, store:
             store.value["a"] = 1
@@ -97,7 +98,7 @@ def test_nested_with_ignore_inner_exits_commits_only_outermost(tmp_path: Path) -
 
 def test_exception_in_with_writes_nothing(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False)
     with pytest.raises(RuntimeError), store:
         store.value["a"] = 1
         raise RuntimeError
@@ -173,7 +174,7 @@ def test_transaction_on_missing_file_unchanged_default_writes_nothing(tmp_path: 
 
 def test_transaction_exception_resets_writes_nothing_releases(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={"a": 1}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={"a": 1}, durable=False)
     with store.transaction() as s:
         s.value["a"] = 2
     before = (p.read_bytes(), ino(p))
@@ -471,7 +472,7 @@ def test_corrupt_backup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     p = tmp_path / "d.json"
     p.write_bytes(b"\x00garbage")
     with caplog.at_level(logging.WARNING, logger="lockstore"):
-        store = lockstore.open(p, default={"fresh": True}, on_corrupt="backup", durable=False)
+        store: lockstore.Store[Any] = lockstore.open(p, default={"fresh": True}, on_corrupt="backup", durable=False)
     assert store.value == {"fresh": True}
     aside = [n for n in os.listdir(tmp_path) if n.startswith("d.json.corrupt-")]
     assert len(aside) == 1
@@ -493,7 +494,7 @@ def test_corrupt_backup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
 
 def test_on_corrupt_invalid(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="on_corrupt"):
-        lockstore.open(tmp_path / "d.json", on_corrupt="ignore")  # type: ignore[arg-type]
+        lockstore.open(tmp_path / "d.json", on_corrupt="ignore")  # type: ignore[call-overload]
 
 
 # ----------------------------------------------------------------------------------- OS errors
@@ -565,7 +566,7 @@ def test_default_timeout_is_finite() -> None:
 
 def test_references_taken_before_a_failed_savepoint_still_reach_the_value(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    store = lockstore.open(p, default={}, durable=False)
+    store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False)
     with store.transaction() as s:
         d = s.value
         d["a"] = 1

@@ -33,7 +33,7 @@ from reliability._harness import bump, make_value
 
 
 def _inplace_write(target: str, data: bytes, *, durable: bool, like: os.stat_result | None, into: list[int],
-                   scratch: list[int], name: str | None = None) -> None:
+                   scratch: list[int], name: str | None = None, prefix: str | None = None) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     into.append(fd)
     view = memoryview(data)

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,10 +116,10 @@ def check_fault(data: Path, before: Snapshot, outcome: Outcome, *, site: str, lo
     return v
 
 
-def usable(data: Path, **kwargs: object) -> list[str]:
+def usable(data: Path, **kwargs: Any) -> list[str]:
     """After the fault is gone, a transaction works and builds on the old value."""
     before = Snapshot.of(data)
-    store = lockstore.open(data, default=make_value(0), **kwargs)  # type: ignore[arg-type]
+    store = lockstore.open(data, default=make_value(0), **kwargs)
     with store.transaction(timeout=5) as s:
         s.value = bump(s.value)
     after = Snapshot.of(data)
@@ -133,9 +134,9 @@ def attempt(fn: Callable[[], None]) -> Outcome:
     return Outcome(True)
 
 
-def transact(data: Path, **kwargs: object) -> Callable[[], None]:
+def transact(data: Path, **kwargs: Any) -> Callable[[], None]:
     def run() -> None:
-        store = lockstore.open(data, default=make_value(0), timeout=5, **kwargs)  # type: ignore[arg-type]
+        store = lockstore.open(data, default=make_value(0), timeout=5, **kwargs)
         with store.transaction() as s:
             s.value = bump(s.value, 64 * 1024)
 

@@ -33,7 +33,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="lockstore-sm-"))
         self.path = self.dir / "store.json"
         self.disk: dict[str, Any] | None = None  # the model: what the file holds (None: no file)
-        self.store: lockstore.Store | None = None
+        self.store: lockstore.Store[Any] | None = None
         self.server: subprocess.Popen[str] | None = None
 
     def teardown(self) -> None:
