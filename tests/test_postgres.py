@@ -29,7 +29,7 @@ from _children import read_line
 from _hosts import hosts
 
 import lockstore
-from lockstore import _postgres
+from lockstore import _pg_io, _postgres
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -940,7 +940,7 @@ def test_negative_control_bare_concurrent_create_table_fails(pg_url: str) -> Non
 
 def test_without_libpq_pipeline_mode(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where libpq has no pipeline mode (before 14) the same statements go one round trip each."""
-    monkeypatch.setattr(_postgres, "_PIPELINE", False)
+    monkeypatch.setattr(_pg_io, "_PIPELINE", False)
     target = tgt(pg_url)
     store = lockstore.open(target, default=value(0))
     with store.transaction():
