@@ -22,6 +22,7 @@ from ._error import (
 )
 from ._formats import AbstractFormatBstr, AbstractFormatFile
 from ._holder import Holder
+from ._stats import LockStats
 from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
 
 __version__ = "0.2.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Holder",
     "LockLost",
     "LockReentryError",
+    "LockStats",
     "LockTimeout",
     "LockstoreError",
     "NotDurableError",

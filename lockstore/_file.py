@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._error import LockTimeout
     from ._holder import Holder
     from ._lock import Lock
+    from ._stats import LockStats
 
 _Sig = tuple[int, int, int, int, int]
 
@@ -86,6 +87,7 @@ class FileStorage:
         self._last_target: str | None = None
         self._pins: list[int] = []  # a descriptor of the file our version describes
         self._next: list[int] = []  # a descriptor being opened or written, becoming the pin
+        self._retired: list[int] = []  # the previous pin, closed when the lock is let go (see _rotate)
         self._scratch: list[int] = []  # a passing descriptor (the directory's, for its fsync)
         self._swept: set[str] = set()
         self._prefixes: dict[str, str] = {}  # temp_prefix() of each target written
@@ -117,9 +119,11 @@ class FileStorage:
 
     # ------------------------------------------------------------------------------------------- reading
     def _rotate(self) -> None:
-        """The descriptor just opened becomes the pin; the old pin is closed."""
-        self._pins, self._next = self._next, self._pins
-        close_all(self._next)
+        """The descriptor just opened becomes the pin; the old pin is retired, to be closed once the lock is let
+        go: closing the last descriptor of a replaced file frees its inode, which costs the file system more than
+        the rest of a small transaction's bookkeeping, and must not keep the lock busy."""
+        self._pins, self._next, self._retired = self._next, self._retired, self._pins
+        close_all(self._next)  # left over by an interrupted operation, if anything
 
     def _read(self, path: str, name: str) -> Stored:
         close_all(self._next)
@@ -145,7 +149,10 @@ class FileStorage:
         return Stored(b"".join(chunks), _sig(st))
 
     def load(self) -> Stored:
-        return self._read(self.path, self.path)
+        try:
+            return self._read(self.path, self.path)
+        finally:
+            close_all(self._retired)  # no lock to keep short here
 
     def fetch(self, held: object, known: object) -> Stored | None:
         assert isinstance(held, FileHeld)
@@ -182,7 +189,10 @@ class FileStorage:
 
     def put(self, data: bytes) -> object:
         target, st = _resolve(self.path)
-        return self._write(target, data, st)
+        try:
+            return self._write(target, data, st)
+        finally:
+            close_all(self._retired)  # no lock to keep short here
 
     def set_aside(self, held: object) -> str | None:
         assert isinstance(held, FileHeld)
@@ -247,10 +257,13 @@ class FileStorage:
             if held.lock is not None and held.lock_held is not None:
                 held.lock.release(held.lock_held)
         finally:
-            if held.turn is not None:
-                from ._aio import give_turn
+            try:
+                close_all(self._retired)
+            finally:
+                if held.turn is not None:
+                    from ._aio import give_turn
 
-                give_turn(held)
+                    give_turn(held)
 
     # ------------------------------------------------------------------------------------------- diagnostics
     def holder(self) -> Holder | None:
@@ -266,6 +279,17 @@ class FileStorage:
         assert lock is not None
         return lock.timeout_error(waited)
 
+    def stats(self) -> LockStats | None:
+        """The lock file's statistics (None for a caller's filelock instance, which keeps none)."""
+        lock = self._current_lock()
+        return lock.stats() if isinstance(lock, SidecarLock) else None
+
+    def reset_stats(self, owner: object, *, timeout: float) -> None:
+        lock = self._current_lock()
+        if not isinstance(lock, SidecarLock):
+            raise TypeError(f"{self.path}: a caller's filelock lock keeps no statistics")
+        lock.reset_stats(owner, timeout=timeout, poll_interval=self.poll_interval)
+
     def filelock(self, timeout: float) -> Any:
         """``store.lock``: a FileLock on the current lock file, or the caller's instance, or None."""
         if self._fixed is not None:
@@ -279,6 +303,7 @@ class FileStorage:
         return self._filelock
 
     def close(self) -> None:
+        close_all(self._retired)
         close_all(self._next)
         close_all(self._scratch)
         close_all(self._pins)

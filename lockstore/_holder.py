@@ -111,12 +111,25 @@ def record(label: str | None) -> bytes:
     return (_process_prefix() + tail + "}\n").encode()
 
 
+def waiter_record(label: str | None, since: float, timeout: float, *, waited: float | None = None) -> bytes:
+    """The record this process writes into a waiter slot while it waits for a lock (see ``_queue.py``); with
+    ``waited``, the mark it leaves there when its wait timed out."""
+    tail = f', "since": {since:.6f}, "timeout": {timeout:g}'
+    if waited is not None:
+        tail += f', "timed_out": [{waited:.6f}, {time.time():.3f}]'
+    if label is not None:
+        label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
+        tail += f', "label": {json.dumps(label)}'
+    return (_process_prefix() + tail + "}\n").encode()
+
+
 def parse(data: bytes) -> Holder | None:
     """Parse a record; None when empty or unreadable (a torn read of a record being written, or not ours)."""
-    if not data.strip():
+    line = data.split(b"\n", 1)[0]  # one line: what follows in a lock file is not the record's
+    if not line.strip():
         return None
     try:
-        raw: dict[str, Any] = json.loads(data)
+        raw: dict[str, Any] = json.loads(line)
         pid = int(raw["pid"])
         start = raw.get("start")
         return Holder(
@@ -124,10 +137,11 @@ def parse(data: bytes) -> Holder | None:
             host=str(raw.get("host", "")),
             user=str(raw.get("user", "")),
             cmdline=[str(a) for a in raw.get("cmd", [])],
-            acquired_at=float(raw.get("at", 0.0)),
+            acquired_at=None if raw.get("at") is None else float(raw["at"]),
             label=raw.get("label"),
             alive=_alive(pid, start, str(raw.get("host", "")), raw.get("pidns")),
             start_time=None if start is None else float(start),
+            waiting_since=None if raw.get("since") is None else float(raw["since"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

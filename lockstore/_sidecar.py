@@ -1,22 +1,23 @@
-"""The native sidecar lock: ``flock`` on ``<file>.lock``, fast, fair, and safe across threads, forks, tasks and signals.
+"""The native sidecar lock: ``flock`` on ``<file>.lock``, fast, fair enough, and safe across threads, forks and signals.
 
 It is the primitive filelock's ``FileLock`` uses (``flock(LOCK_EX)`` on the whole file), on one descriptor per
-process and lock file, with the per-process rules (owners, reentry, fork, arrival order) of ``_owners.py`` done
-once per acquisition instead of ``FileLock``'s full acquire (it opens the file, resolves its path and checks its
-fork state every time; ``benchmarks/`` measures the difference). Per process, each lock file has one
-:class:`_Slot`, found by the file's (device, inode): two Store objects reaching one lock file by different paths
-(a symlinked directory, a relative path) share it, so the second one nested in the same thread gets
-LockReentryError instead of waiting for itself.
+process and lock file (``_slots.py``), with the per-process rules of ``_owners.py`` done once per acquisition
+instead of ``FileLock``'s full acquire (it opens the file, resolves its path and checks its fork state every
+time; ``benchmarks/`` measures the difference).
 
 - The lock file is never deleted (tox-dev/filelock#31: waiters that opened the old inode would lock a different
   file than new arrivals), never broken by age (the OS releases a native lock when its holder dies), and never
-  followed through a symlink or used when it is not a regular file: lockstore writes its holder record into it,
-  and must never write into somebody else's file.
-- Signals: the flock calls are made directly (C calls), and every state change is recorded where the cleanup,
-  :meth:`SidecarLock.release`, finds it, before the call that makes it: a KeyboardInterrupt at any point of
-  acquire or release leaves neither this process's slot nor the flock held.
-- Resources: a slot's descriptors and waiter thread live as long as some open Store uses the lock file; the last
-  Store closed or collected closes them.
+  followed through a symlink or used when it is not a regular file: lockstore writes into it, and must never write
+  into somebody else's file.
+- What lockstore keeps in the lock file: the holder record at 0 (``_holder.py``), the statistics from 4096
+  (``_stats.py``), the waiters' announcements from 6144 (``_queue.py``). The holder reads all three in one
+  ``pread`` when it takes the lock, and writes the first two back in one ``pwrite`` when it releases it.
+- Hand-over: waiting is in the kernel's flock queue (a waiter thread when there is a timeout), and a releaser may
+  take the lock straight back for its next transaction, unless a waiter has waited longer than
+  ``_queue.STARVE_AFTER``: then it lets that waiter take it first (``_queue.py`` says why).
+- Signals: every state change is recorded where :meth:`SidecarLock.release` finds it, before the call that makes it,
+  and the unlock follows forgetting the flock with no call in between: a KeyboardInterrupt at any point of acquire
+  or release leaves neither this process's slot nor the flock held.
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from . import _holder, _proclocks
+from . import _holder, _proclocks, _queue, _slots, _stats
 from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
-from ._owners import OwnerLock, Ticket, at_fork, conflicts
-from ._waiter import AVAILABLE as _CAN_BLOCK
+from ._owners import Ticket, conflicts
+from ._slots import CAN_BLOCK, LOCK_EX, LOCK_NB, LOCK_UN, Slot, flock
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
@@ -42,109 +41,36 @@ if TYPE_CHECKING:
 
     from ._holder import Holder
 
-_LOCK_EX: int
-_LOCK_NB: int
-_LOCK_UN: int
-_flock: Callable[[int, int], None]
-if _CAN_BLOCK:
-    import fcntl
-
-    # fcntl.flock itself, a C function: no Python frame whose start a signal handler's exception could interrupt.
-    _LOCK_EX, _LOCK_NB, _LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
-    _flock = fcntl.flock
-else:  # pragma: no cover - no blocking flock (Windows): filelock's descriptor primitives, polled
-    from filelock import lock_descriptor, unlock_descriptor
-
-    _LOCK_EX, _LOCK_NB, _LOCK_UN = 1, 2, 3
-
-    def _flock(fd: int, op: int) -> None:
-        if op == _LOCK_UN:
-            unlock_descriptor(fd)
-        elif not lock_descriptor(fd, blocking=False):
-            raise BlockingIOError(errno.EAGAIN, "locked")
-
-
 #: Where waiting has to poll (no blocking flock): first pause between two attempts, doubling up to poll_interval.
 FIRST_PAUSE: Final = 0.0002
-#: After releasing a lock that it had to wait for, a process lets this long pass before it tries again, so that
-#: the waiter the kernel just woke takes the lock instead of the releaser barging back in.
-HANDOFF_PAUSE: Final = 0.0001
 #: The holder record lives in the lock file's first bytes; readers read this much.
 RECORD_MAX: Final = 4096
+#: What the holder reads when it takes the lock: the record, the statistics and the waiters' header.
+_HEAD: Final = _queue.HEADER + 16
+#: While handing the lock over, how often the releaser looks whether the starving waiter has taken it.
+_HANDOFF_POLL: Final = 0.00005
+_BLANKS: Final = b" " * RECORD_MAX
+_HOST: Final = _holder._host_name()
 
 
 class _TimedOut(Exception):
     """The wait ran out; turned into a LockTimeout (describing the holder) only by callers that want one."""
 
 
-class _Slot(OwnerLock):
-    """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
-
-    __slots__ = ("external", "external_count", "fds", "flocked", "key", "record_len", "refs", "released_at", "waited",
-                 "waiters", "writable")
-
-    def __init__(self, key: tuple[int, int]) -> None:
-        super().__init__()
-        self.key = key
-        self.refs = 0
-        self.fds: list[int] = []  # our descriptor of the lock file (one, or none until opened)
-        self.writable = True
-        self.flocked: int | None = None  # the descriptor whose flock this process holds now (ours or the waiter's)
-        self.waiters: list[Waiter] = []  # this process's waiter thread for the file (one, or none yet)
-        self.record_len = 0
-        self.waited = False
-        self.released_at = 0.0
-        # FileLocks handed out as ``store.lock`` on this file (their is_locked answers for the calling thread).
-        self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
-        self.external_count = 0  # how many were ever handed out: most slots have none, and need no look
-
-    def close_files(self, *, forked: bool = False) -> None:
-        """Close our descriptors and stop the waiter (never unlocks: only for an idle slot, or after fork)."""
-        while self.waiters:
-            self.waiters.pop().close(forked=forked)
-        self.flocked = None
-        close_all(self.fds)
-
-    def held_by_filelock_here(self) -> bool:
-        return bool(self.external_count) and any(lock.is_locked for lock in self.external)
-
-
-_SLOTS: dict[tuple[int, int], _Slot] = {}
-_SLOTS_LOCK = threading.Lock()
-
-
-def _after_fork() -> None:
-    # The parent's threads did not survive the fork; our copies of its descriptors share its flocks, so they are
-    # closed (which unlocks nothing: the parent still has the same open file descriptions) and reopened on use.
-    global _SLOTS_LOCK
-    _SLOTS_LOCK = threading.Lock()
-    for slot in _SLOTS.values():
-        slot.close_files(forked=True)
-        slot.waited = False
-
-
-at_fork(_after_fork)
-
-
-def _unref(slot: _Slot) -> None:
-    with _SLOTS_LOCK:
-        slot.refs -= 1
-        if slot.refs > 0 or slot.busy():
-            return
-        if _SLOTS.get(slot.key) is slot:
-            del _SLOTS[slot.key]
-    slot.close_files()
-
-
 class Held:
     """One acquisition's state, made before acquiring so that :meth:`SidecarLock.release` can always undo it."""
 
-    __slots__ = ("inside", "slot", "ticket")
+    __slots__ = ("announced", "counted", "inside", "label", "resets", "slot", "start", "ticket")
 
     def __init__(self, owner: object, holder: object) -> None:
         self.ticket = Ticket(owner, holder)
-        self.slot: _Slot | None = None
+        self.slot: Slot | None = None
         self.inside = False  # inside a ``store.lock`` FileLock this thread holds: no flock, no record of ours
+        self.start = 0.0  # when the acquisition began (monotonic), for the statistics
+        self.label: str | None = None
+        self.announced: list[_queue.Announcement | None] = []  # this wait's announcement in the lock file
+        self.resets = False  # an acquisition that starts the statistics afresh (and is not counted in them)
+        self.counted = False  # its timeout is marked in the lock file for the next holder to count
 
 
 class SidecarLock:
@@ -153,13 +79,11 @@ class SidecarLock:
     def __init__(self, lock_file: str, *, data_path: str | None = None) -> None:
         self.lock_file = lock_file
         self.data_path = data_path
-        self._slot: _Slot | None = None
-        self._fresh: _Slot | None = None  # a slot being created: its descriptor is closed if creation is cut short
-        self._probe: list[int] = []  # a descriptor opened to read who holds or waits (closed at the next read)
+        self._slot: Slot | None = None
         # The slot this lock counts as a user of, in a box that the finalizer (which must not refer to self) shares:
         # a Store collected without close() still gives its lock file back.
-        self._box: list[_Slot | None] = [None]
-        self._finalizer = weakref.finalize(self, _let_slot_go, self._box)
+        self._box: list[Slot | None] = [None]
+        self._finalizer = weakref.finalize(self, _slots.let_go, self._box)
 
     def __repr__(self) -> str:
         return f"<SidecarLock {self.lock_file!r}>"
@@ -176,7 +100,7 @@ class SidecarLock:
             raise OSError(errno.EINVAL, "the lock file is not a regular file; lockstore writes a holder record "
                                         "into it and refuses anything else", self.lock_file)
 
-    def _find_slot(self) -> _Slot:
+    def _find_slot(self) -> Slot:
         """The slot of the file now at ``lock_file``, creating the file if needed (one lstat when known)."""
         try:
             st = os.lstat(self.lock_file)
@@ -189,48 +113,36 @@ class SidecarLock:
         slot = self._slot
         if slot is not None and slot.key == key:
             return slot
-        with _SLOTS_LOCK:
-            found = _SLOTS.get(key)
-            if found is None:
-                found = _SLOTS[key] = _Slot(key)
-            found.refs += 1
-        return self._adopt(found)
+        return self._adopt(_slots.find(key))
 
-    def _adopt(self, slot: _Slot) -> _Slot:
+    def _adopt(self, slot: Slot) -> Slot:
         """Use ``slot`` (whose count of users the caller already raised) instead of the previous one."""
         old, self._slot = self._slot, slot
         self._box[0] = slot
-        if old is not None and old is not slot:
-            _unref(old)
-        elif old is slot:
-            _unref(old)  # counted twice: once is enough
+        if old is not None:
+            _slots.unref(old)  # the previous file, or this one counted twice
         return slot
 
-    def _create_slot(self) -> _Slot:
-        if self._fresh is not None:  # left by an interrupt last time
-            close_all(self._fresh.fds)
-        fresh = self._fresh = _Slot((0, 0))
+    def _create_slot(self) -> Slot:
+        fresh = Slot((0, 0))  # its own: threads of one Store may create at once
+        found: Slot | None = None
         try:
             self._open(fresh)
             st = os.fstat(fresh.fds[0])
             self._refuse(st)
-            key = (st.st_dev, st.st_ino)
-            with _SLOTS_LOCK:
-                found = _SLOTS.get(key)
-                if found is None:
-                    fresh.key = key
-                    found = _SLOTS[key] = fresh
-                    self._fresh = None
-                found.refs += 1
+            found = _slots.register(fresh, (st.st_dev, st.st_ino))
         except OSError as exc:
             raise named(exc, self.lock_file) from None
         finally:
-            if self._fresh is not None:  # not registered (an error, or another Store registered this file first)
-                self._fresh = None
-                close_all(fresh.fds)
+            if found is not fresh:  # not registered (an error, or another Store registered this file first)
+                try:
+                    close_all(fresh.fds)
+                except BaseException:
+                    close_all(fresh.fds)  # an interrupt cut the first call short
+                    raise
         return self._adopt(found)
 
-    def _open(self, slot: _Slot) -> None:
+    def _open(self, slot: Slot) -> None:
         """Open our descriptor of the lock file into ``slot.fds`` (never through a symlink)."""
         flags = O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK
         try:
@@ -245,7 +157,7 @@ class SidecarLock:
                 raise named(denied, self.lock_file) from None
             slot.writable = False
 
-    def _ready(self, slot: _Slot) -> bool:
+    def _ready(self, slot: Slot) -> bool:
         """Holding the slot: make sure our descriptor is open on the slot's file; False when the path now names
         another file (deleted or replaced: the caller starts over)."""
         if not slot.fds:
@@ -257,7 +169,7 @@ class SidecarLock:
                 return False
         return True
 
-    def _still_the_lock_file(self, slot: _Slot) -> bool:
+    def _still_the_lock_file(self, slot: Slot) -> bool:
         """Whether the file we locked is still the one at ``lock_file``: operators delete or replace lock files
         (which must never be done), and new processes would then lock the new file while we hold the old one."""
         try:
@@ -282,7 +194,8 @@ class SidecarLock:
             return self._acquire(held, begun, timeout, poll_interval, blocking, label)
         except _TimedOut:
             self.release(held)
-            raise self.timeout_error(time.monotonic() - begun) from None
+            raise self.timeout_error(time.monotonic() - begun, label=label, timeout=timeout if blocking else 0.0,
+                                     counted=held.counted) from None
 
     def acquire_within(self, held: object, *, timeout: float, poll_interval: float, label: str | None,
                        start: float, blocking: bool = True) -> bool | None:
@@ -290,14 +203,15 @@ class SidecarLock:
         LockTimeout: for callers that wait in slices and describe the holder only at their own deadline."""
         assert isinstance(held, Held)
         try:
-            return self._acquire(held, start, timeout, poll_interval, blocking, label)
+            return self._acquire(held, start, timeout, poll_interval, blocking, label, final=False)
         except _TimedOut:
             self.release(held)
             return None
 
     def _acquire(self, held: Held, start: float, timeout: float, poll_interval: float, blocking: bool,
-                 label: str | None) -> bool:
+                 label: str | None, *, final: bool = True) -> bool:
         ticket = held.ticket
+        held.start, held.label = start, label
         while True:
             slot = held.slot = self._find_slot()
             if conflicts(slot.owner(), ticket.owner):
@@ -310,19 +224,17 @@ class SidecarLock:
             if not self._ready(slot):
                 slot.give(ticket)
                 continue
-            if slot.waited and (pause := slot.released_at + HANDOFF_PAUSE - time.monotonic()) > 0:
-                time.sleep(pause)
-            slot.waited = False
+            if slot.handoff:
+                self._hand_over(slot)
             if slot.flocked is None:  # else a holder that vanished without releasing left it to us
                 fd = slot.flocked = slot.fds[0]  # recorded first: release() undoes it whatever happens next
                 try:
-                    _flock(fd, _LOCK_NB)
+                    flock(fd, LOCK_NB)
                 except BlockingIOError:
                     slot.flocked = None
                     if not blocking:
                         raise _TimedOut from None
-                    slot.waited = True
-                    self._wait(slot, fd, start, timeout, poll_interval)
+                    self._wait(held, slot, fd, start, timeout, poll_interval, label, final)
                 except OSError as exc:
                     slot.flocked = None
                     raise named(exc, self.lock_file) from None
@@ -332,18 +244,54 @@ class SidecarLock:
             self._let_go(held, slot)
             slot.close_files()
 
-    def _wait(self, slot: _Slot, fd: int, start: float, timeout: float, poll_interval: float) -> None:
-        """Wait for the flock; on return ``slot.flocked`` is the descriptor holding it (ours, or the waiter's)."""
-        if _CAN_BLOCK and timeout < 0:
+    @staticmethod
+    def _hand_over(slot: Slot) -> None:
+        """At the last release a waiter had waited too long: let it take the lock before we try (it writes its
+        record when it does; bounded, in case it gave up meanwhile)."""
+        slot.handoff = False
+        fd = slot.fds[0]
+        deadline = time.monotonic() + _queue.STARVE_AFTER
+        try:
+            while os.pread(fd, 1, 0) in (b"", b" ") and time.monotonic() < deadline:
+                time.sleep(_HANDOFF_POLL)
+        except OSError:
+            pass
+
+    def _wait(self, held: Held, slot: Slot, fd: int, start: float, timeout: float, poll_interval: float,
+              label: str | None, final: bool) -> None:
+        """Wait for the flock, announced in the lock file; on return ``slot.flocked`` is the descriptor holding it
+        (ours, or the waiter thread's). A ``final`` wait that times out leaves its timed-out mark (see _queue.py);
+        a slice of a longer wait (the asyncio path) does not."""
+        if slot.writable:
+            # Appended by C code as it is returned: an interrupt cannot lose it before the finally below.
+            held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))
+        try:
+            self._wait_in_kernel(slot, fd, start, timeout, poll_interval)
+        except _TimedOut:
+            announcement = held.announced[-1] if final and held.announced else None
+            if announcement is not None:
+                held.announced.pop()
+                mark = _holder.waiter_record(label, announcement.since, timeout, waited=time.monotonic() - start)
+                _queue.withdraw(announcement, mark)
+                held.counted = True
+            raise
+        finally:
+            while held.announced:
+                announcement = held.announced.pop()
+                if announcement is not None:
+                    _queue.withdraw(announcement)
+
+    def _wait_in_kernel(self, slot: Slot, fd: int, start: float, timeout: float, poll_interval: float) -> None:
+        if CAN_BLOCK and timeout < 0:
             # Nothing to time out: wait in the kernel's queue in this thread, with no hop through the waiter thread.
             slot.flocked = fd
             try:
-                _flock(fd, _LOCK_EX)
+                flock(fd, LOCK_EX)
             except OSError as exc:
                 slot.flocked = None
                 raise named(exc, self.lock_file) from None
             return
-        if _CAN_BLOCK:
+        if CAN_BLOCK:
             if not slot.waiters:
                 try:
                     # Appended by C code as it is returned: an interrupt cannot orphan a running waiter thread.
@@ -370,30 +318,37 @@ class SidecarLock:
             time.sleep(pause if timeout < 0 else min(pause, _remaining(start, timeout)))
             slot.flocked = fd
             try:
-                _flock(fd, _LOCK_NB)
+                flock(fd, LOCK_NB)
                 return
             except BlockingIOError:
                 slot.flocked = None
             pause = min(pause * 2, poll_interval)
 
-    def _mark(self, slot: _Slot, label: str | None) -> bool:
-        """Write our holder record; return True when a killed holder's record was still there (time to sweep)."""
+    def _mark(self, slot: Slot, label: str | None) -> bool:
+        """Holding the flock: read what the lock file keeps (one pread), write our holder record; return True when
+        a killed holder's record was still there (time to sweep)."""
+        slot.acquired_at = time.monotonic()
+        slot.area = None
+        slot.oldest_wait = 0.0
         if not slot.writable:
             return True
         fd = slot.fds[0]
         try:
-            head = os.pread(fd, 1, 0)
+            head = os.pread(fd, _HEAD, 0)
         except OSError:
             return True
-        stale = head not in (b"", b" ")  # all blanks: a record cleared at release
+        stale = head[:1] not in (b"", b" ")  # all blanks: a record cleared at release
+        slot.area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
+        slot.oldest_wait = _queue.oldest(head[_queue.HEADER :])
+        if _queue.timeouts_marked(head[_queue.HEADER :]):
+            slot.timed_out.extend(_stats.TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
         # that follows reports the disk's state and names the data file).
         try:
             record = _holder.record(label)
             if stale:
                 # Cover the whole stale record, not only our shorter one, so that no tail of it survives.
-                old = os.pread(fd, RECORD_MAX, 0)
-                end = old.find(b"\n") + 1 or len(old.rstrip(b"\0"))
+                end = head.find(b"\n", 0, RECORD_MAX) + 1 or len(head[:RECORD_MAX].rstrip(b"\0"))
                 record = record.ljust(min(max(end, len(record)), RECORD_MAX))
             os.pwrite(fd, record, 0)
             slot.record_len = len(record)
@@ -416,15 +371,29 @@ class SidecarLock:
             return
         self._let_go(held, slot)
 
-    def _let_go(self, held: Held, slot: _Slot) -> None:
+    def _let_go(self, held: Held, slot: Slot) -> None:
         # Runs after the caller's write completed: an error here must not report that write as failed. A record
         # left behind only costs the next holder a sweep; a failed unlock is finished by closing our descriptors.
         try:
-            if slot.flocked is not None and slot.writable and slot.record_len and slot.fds:
-                # Only while we hold the flock is the record ours to clear. Blank it in place rather than truncate:
-                # a truncate frees the file's block and the next record allocates it again, every transaction; all
-                # blanks read as no holder.
-                os.pwrite(slot.fds[0], b" " * slot.record_len, 0)
+            if slot.flocked is not None and slot.writable and slot.fds:
+                # Only while we hold the flock are the record and the statistics ours to write. The record is
+                # blanked in place rather than truncated (a truncate frees the file's block and the next record
+                # allocates it again, every transaction); all blanks read as no holder. One pwrite does both.
+                area = slot.area
+                if area is not None:
+                    if held.resets:
+                        area[:] = _stats.fresh(time.time())
+                    else:
+                        now = time.monotonic()
+                        _stats.add(area, waited=slot.acquired_at - held.start, held=now - slot.acquired_at,
+                                   now=time.time(), label=held.label, pid=os.getpid(), host=_HOST,
+                                   timeouts=slot.timed_out)
+                        slot.timed_out = []
+                    os.pwrite(slot.fds[0], _BLANKS + area, 0)
+                    # A waiter that has waited too long gets the lock first (see _hand_over).
+                    slot.handoff = bool(slot.oldest_wait) and time.time() - slot.oldest_wait > _queue.STARVE_AFTER
+                elif slot.record_len:
+                    os.pwrite(slot.fds[0], b" " * slot.record_len, 0)
         except OSError:
             pass
         finally:
@@ -434,25 +403,31 @@ class SidecarLock:
                 fd, slot.flocked = slot.flocked, None
                 if fd is not None:
                     try:
-                        _flock(fd, _LOCK_UN)
+                        flock(fd, LOCK_UN)
                     except OSError:
                         slot.close_files()  # closing our descriptors releases the lock whatever went wrong
             finally:
                 try:
                     slot.give(held.ticket)
                 finally:
-                    slot.released_at = time.monotonic()
                     if slot.refs <= 0:
-                        _unref_idle(slot)
+                        _slots.drop_if_unused(slot)
 
     def close(self) -> None:
         """Stop using the lock file: the last user in this process closes its descriptors and waiter thread."""
         self._slot = None
-        _let_slot_go(self._box)
+        _slots.let_go(self._box)
 
     # ------------------------------------------------------------------------------------------- diagnostics
-    def timeout_error(self, waited: float) -> LockTimeout:
-        """The LockTimeout for a wait of ``waited`` s, naming the holder (or a stale record, as such)."""
+    def timeout_error(self, waited: float, *, label: str | None = None, timeout: float | None = None,
+                      counted: bool = False) -> LockTimeout:
+        """The LockTimeout for a wait of ``waited`` s, naming the holder. A waiter that does not hold the lock
+        cannot write the statistics: its wait is counted by the next holder from the mark it left in the lock
+        file (``counted``), or else at this process's next acquisition."""
+        slot = self._slot
+        if not counted and slot is not None and len(slot.timed_out) < 64:
+            slot.timed_out.append(_stats.TimedOut(waited, waited if timeout is None else timeout, label,
+                                                  os.getpid(), time.time()))
         holder, stale = self.holder_and_staleness()
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)
 
@@ -460,42 +435,65 @@ class SidecarLock:
         """Who holds the lock now, read without taking it (see :func:`lockstore._holder.current`)."""
         return self.holder_and_staleness()[0]
 
-    def holder_and_staleness(self) -> tuple[Holder | None, bool]:
-        probe = self._probe
-        close_all(probe)
+    def _probe_read(self, size: int) -> tuple[bytes, int, int] | None:
+        """(the lock file's first ``size`` bytes, its device as /proc/locks shows it, its inode), or None."""
+        probe: list[int] = []  # its own: threads may ask at once
         try:
             fd = open_into(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
             st = os.fstat(fd)
-            record = os.pread(fd, RECORD_MAX, 0) if stat.S_ISREG(st.st_mode) else b""
-            dev = _proclocks.lock_dev(fd)
+            data = os.pread(fd, size, 0) if stat.S_ISREG(st.st_mode) else b""
+            return data, _proclocks.lock_dev(fd), st.st_ino
         except OSError:
-            return None, False
+            return None
         finally:
             try:
                 close_all(probe)
             except BaseException:
                 close_all(probe)  # an interrupt cut the first call short
                 raise
-        holders = _proclocks.flock_holders(dev, st.st_ino)
-        return _holder.current(record, holders)
+
+    def holder_and_staleness(self) -> tuple[Holder | None, bool]:
+        found = self._probe_read(RECORD_MAX)
+        if found is None:
+            return None, False
+        record, dev, ino = found
+        return _holder.current(record, _proclocks.flock_holders(dev, ino))
 
     def waiters(self) -> list[Holder]:
-        """The processes waiting for this lock now (Linux: from /proc/locks), oldest request first."""
-        probe = self._probe
-        close_all(probe)
-        try:
-            fd = open_into(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-            ino, dev = os.fstat(fd).st_ino, _proclocks.lock_dev(fd)
-        except OSError:
+        """The processes waiting for this lock now, oldest first: the kernel's list of blocked processes
+        (``/proc/locks``), each with its announcement (label, since when) where it is a lockstore process."""
+        found = self._probe_read(_queue.END)
+        if found is None:
             return []
+        data, dev, ino = found
+        announced = {w.pid: w for w in _queue.announced_in(data)}
+        blocked = _proclocks.flock_waiters(dev, ino)
+        if blocked is None:  # no /proc/locks: the announcements are all there is
+            return list(announced.values())
+        found_waiters = [announced.pop(pid) if pid in announced else _holder.from_pid(pid)
+                         for pid in dict.fromkeys(blocked)]
+        # Announced but not (yet, or not visibly: another PID namespace) blocked in the kernel: still waiting.
+        found_waiters += announced.values()
+        return sorted(found_waiters, key=lambda w: w.waiting_since or float("inf"))
+
+    def stats(self) -> _stats.LockStats | None:
+        """The lock file's statistics, read without the lock (None when there are none yet)."""
+        found = self._probe_read(_stats.OFFSET + _stats.SIZE)
+        return None if found is None else _stats.parse(found[0][_stats.OFFSET :])
+
+    def reset_stats(self, owner: object, *, timeout: float, poll_interval: float) -> None:
+        """Start the statistics afresh: taken under the lock, written at its release."""
+        held = Held(owner, None)
+        held.resets = True
+        try:
+            self.acquire(held, timeout=timeout, poll_interval=poll_interval, blocking=True,
+                         label="lockstore stats --reset")
         finally:
             try:
-                close_all(probe)
+                self.release(held)
             except BaseException:
-                close_all(probe)  # an interrupt cut the first call short
+                self.release(held)  # an interrupt cut the first call short
                 raise
-        pids = _proclocks.flock_waiters(dev, ino) or []
-        return [_holder.from_pid(pid) for pid in dict.fromkeys(pids)]
 
     def filelock(self, timeout: float) -> BaseFileLock:
         """A ``filelock.FileLock`` on this lock file (``store.lock``), known to this process's transactions."""
@@ -510,41 +508,9 @@ class SidecarLock:
     def held_here(self, held: Held) -> bool:
         return held.slot is not None and held.slot.held_by(held.ticket)
 
-    def owner_here(self) -> object:
-        """The owner in this process holding this lock file now (through any Store), or None."""
-        slot = self._slot
-        return None if slot is None else slot.owner()
-
-
-def _let_slot_go(box: list[_Slot | None]) -> None:
-    slot, box[0] = box[0], None
-    if slot is not None:
-        _unref(slot)
-
-
-def _unref_idle(slot: _Slot) -> None:
-    """A slot whose every Store was closed while it was held: close it now that it is free."""
-    with _SLOTS_LOCK:
-        if slot.refs > 0 or slot.busy():
-            return
-        if _SLOTS.get(slot.key) is slot:
-            del _SLOTS[slot.key]
-    slot.close_files()
-
 
 def _remaining(start: float, timeout: float) -> float:
     return -1.0 if timeout < 0 else max(0.0, start + timeout - time.monotonic())
 
 
-def slot_owner(dev: int, ino: int) -> object:
-    """The owner in this process holding the lock file with this device and inode, or None."""
-    slot = _SLOTS.get((dev, ino))
-    return None if slot is None else slot.owner()
-
-
-def open_slots() -> int:
-    """How many lock files this process keeps open (for tests of resource use)."""
-    return sum(1 for slot in _SLOTS.values() if slot.fds)
-
-
-__all__ = ["FIRST_PAUSE", "HANDOFF_PAUSE", "Held", "SidecarLock", "open_slots", "slot_owner"]
+__all__ = ["FIRST_PAUSE", "Held", "SidecarLock"]

@@ -19,6 +19,7 @@ from ._txn import BLOCK, COMMIT, Core, Transaction, release_abandoned
 if TYPE_CHECKING:
     from ._holder import Holder
     from ._options import OnCorrupt
+    from ._stats import LockStats
 
 T = TypeVar("T")
 
@@ -67,6 +68,7 @@ class Store(Generic[T]):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         durable: bool = True,
         on_corrupt: OnCorrupt = "raise",
+        warn_hold: float | None = None,
         **target_options: Any,
     ) -> None:
         fmt = resolve(format, is_binary=is_binary, load_kwargs=load_kwargs, dump_kwargs=dump_kwargs)
@@ -77,7 +79,9 @@ class Store(Generic[T]):
         corrupt = _options.on_corrupt(on_corrupt)
         storage = make_storage(path, lock=lock, durable=self.durable, poll_interval=poll, timeout=wait,
                                options=target_options)
-        self._core: Core[T] = Core(self, storage, fmt, default, timeout=wait, poll_interval=poll, on_corrupt=corrupt)
+        hold_limit = None if warn_hold is None else _options.positive(warn_hold, "warn_hold")
+        self._core: Core[T] = Core(self, storage, fmt, default, timeout=wait, poll_interval=poll, on_corrupt=corrupt,
+                                   warn_hold=hold_limit)
         self._with_depth: dict[object, int] = {}
         self._finalizer = weakref.finalize(self, storage.close)
         self.value = self._core.fresh_default()
@@ -150,6 +154,20 @@ class Store(Generic[T]):
     def waiters(self) -> list[Holder]:
         """The processes waiting for the lock now, oldest first where known (Linux: the kernel's flock queue)."""
         return self._core.storage.waiters()
+
+    def stats(self) -> LockStats | None:
+        """The lock's statistics, kept in the lock file by every process that uses it (read without the lock):
+        acquisitions, timeouts, wait and hold percentiles, the longest hold, a suggested timeout. None when there
+        are none yet, or for a lock that keeps none (a filelock instance, a server store)."""
+        stats = getattr(self._core.storage, "stats", None)
+        return None if stats is None else stats()
+
+    def reset_stats(self) -> None:
+        """Start the statistics afresh (under the lock, waiting up to the store's timeout)."""
+        reset = getattr(self._core.storage, "reset_stats", None)
+        if reset is None:
+            raise TypeError(f"{self.path}: this store's lock keeps no statistics")
+        reset(current_owner(), timeout=self._core.timeout)
 
     def __repr__(self) -> str:
         storage = self._core.storage
@@ -308,7 +326,7 @@ def open(
     load_kwargs: Mapping[str, Any] | None = None, dump_kwargs: Mapping[str, Any] | None = None,
     ignore_inner_exits: bool = False, *, lock: object = True, timeout: float = DEFAULT_TIMEOUT,
     poll_interval: float = DEFAULT_POLL_INTERVAL, durable: bool = True, on_corrupt: OnCorrupt = "raise",
-    **target_options: Any,
+    warn_hold: float | None = None, **target_options: Any,
 ) -> Store[Any]: ...
 
 
@@ -318,7 +336,7 @@ def open(
     load_kwargs: Mapping[str, Any] | None = None, dump_kwargs: Mapping[str, Any] | None = None,
     ignore_inner_exits: bool = False, *, lock: object = True, timeout: float = DEFAULT_TIMEOUT,
     poll_interval: float = DEFAULT_POLL_INTERVAL, durable: bool = True, on_corrupt: OnCorrupt = "raise",
-    **target_options: Any,
+    warn_hold: float | None = None, **target_options: Any,
 ) -> Store[T]: ...
 
 
@@ -336,6 +354,7 @@ def open(
     poll_interval: float = DEFAULT_POLL_INTERVAL,
     durable: bool = True,
     on_corrupt: OnCorrupt = "raise",
+    warn_hold: float | None = None,
     **target_options: Any,
 ) -> Store[Any]:
     """Open the store kept in ``path`` and load its value once (no lock: a reader always sees a whole file).
@@ -355,6 +374,8 @@ def open(
       directory; servers: refuse one that does not sync its commits) (default True).
     - ``on_corrupt``: "raise" (CorruptStoreError, the value is never overwritten) or "backup" (move it aside to
       ``<path>.corrupt-<timestamp>``, log a warning, start from ``default``).
+    - ``warn_hold``: log a WARNING (logger ``lockstore``) naming the label and pid when a transaction held the lock
+      longer than this many seconds (default: never). Every transaction is logged at DEBUG with its wait and hold.
     - server targets also take ``table=`` (PostgreSQL) and ``lease=`` (Redis).
 
     Raises TypeError/ValueError for bad options (NaN timeouts included), CorruptStoreError, OSError naming the
@@ -362,7 +383,7 @@ def open(
     """
     return Store(path, default, format, is_binary, load_kwargs, dump_kwargs, ignore_inner_exits, lock=lock,
                  timeout=timeout, poll_interval=poll_interval, durable=durable, on_corrupt=on_corrupt,
-                 **target_options)
+                 warn_hold=warn_hold, **target_options)
 
 
 _JSON: Final = resolve(None)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
@@ -86,10 +88,10 @@ class Core(Generic[T]):
     """A Store's private state and the steps every transaction path shares."""
 
     __slots__ = ("_active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
-                 "timeout", "version", "watches")
+                 "timeout", "version", "warn_hold", "watches")
 
     def __init__(self, store: Store[T], storage: Storage, fmt: Format, default: T, *, timeout: float,
-                 poll_interval: float, on_corrupt: OnCorrupt) -> None:
+                 poll_interval: float, on_corrupt: OnCorrupt, warn_hold: float | None = None) -> None:
         self.store = store
         self.storage = storage
         self.format = fmt
@@ -97,6 +99,7 @@ class Core(Generic[T]):
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.on_corrupt = on_corrupt
+        self.warn_hold = warn_hold  # seconds: a WARNING for a transaction that held the lock longer (None: never)
         self.disk: bytes | None = None  # what is stored, as last read or written by this Store
         self.version: object = None
         self.guard = OwnerLock()
@@ -187,8 +190,8 @@ class Core(Generic[T]):
 class Transaction(Generic[T]):
     """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
 
-    __slots__ = ("__weakref__", "blocking", "core", "done", "generation", "guard_ticket", "held", "kind", "label",
-                 "outer", "owner", "savepoint", "timeout", "watch")
+    __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "generation", "guard_ticket", "held",
+                 "kind", "label", "outer", "owner", "savepoint", "timeout", "watch")
 
     def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
         self.core = core
@@ -204,6 +207,8 @@ class Transaction(Generic[T]):
         self.savepoint: Savepoint | None = None
         self.done = False
         self.watch: weakref.ref[Transaction[T]] | None = None
+        self.begun = 0.0  # monotonic: when the outermost __enter__ began, and when it held the lock (0.0: not yet)
+        self.acquired = 0.0
 
     # ----------------------------------------------------------------------------------------- shared steps
     def _join(self, outer: Transaction[T]) -> Store[T]:
@@ -279,24 +284,45 @@ class Transaction(Generic[T]):
             pass
 
     def _release(self) -> None:
-        """Let go of the Store and the storage's lock; idempotent."""
+        """Let go of the storage's lock, then of the Store (the storage's release still uses the Store's
+        descriptors, which another thread may use once it has the Store); idempotent."""
         core = self.core
         self.done = True
         try:
+            if self.held is not None:
+                core.storage.release(self.held)
+        finally:
             if core.active is self:
                 core.active = None
             ticket = self.guard_ticket
             if ticket is not None:
                 core.guard.give(ticket)
-        finally:
-            if self.held is not None:
-                core.storage.release(self.held)
 
     def _end(self) -> None:
         """Release (idempotent) and disarm. Callers retry a call cut short, even at its very start:
         ``try: self._end() except BaseException: self._end(); raise``."""
         self._release()
         self._disarm()
+        self._log()
+
+    def _log(self) -> None:
+        """For pipelines: DEBUG per transaction, WARNING when it held the lock longer than ``warn_hold``."""
+        acquired = self.acquired
+        if not acquired:
+            return
+        self.acquired = 0.0  # logged once, even if the end is retried
+        core = self.core
+        limit = core.warn_hold
+        debug = log.isEnabledFor(logging.DEBUG)
+        if limit is None and not debug:
+            return
+        held = time.monotonic() - acquired
+        if debug:
+            log.debug("lockstore: %s: waited %.6f s, held %.6f s, label %s", core.storage.target,
+                      acquired - self.begun, held, self.label)
+        if limit is not None and held > limit:
+            log.warning("lockstore: %s: a transaction held the lock for %.3f s (warn_hold=%g s): label %s, pid %d",
+                        core.storage.target, held, limit, self.label, os.getpid())
 
     def _arm(self) -> None:
         """Give everything back if this object is dropped while it holds something (see the module docstring).
@@ -338,7 +364,9 @@ class Transaction(Generic[T]):
         try:
             self.held = storage.held(owner, self)
             self._arm()
+            self.begun = time.monotonic()
             storage.acquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
+            self.acquired = time.monotonic()
             self._guarded()
             if self.kind == BLOCK:
                 corrupt = self._refreshed(storage.fetch(self.held, core.version))
@@ -401,7 +429,9 @@ class Transaction(Generic[T]):
         try:
             self.held = storage.held(owner, self)
             self._arm()
+            self.begun = time.monotonic()
             await storage.aacquire(self.held, timeout=self.timeout, blocking=self.blocking, label=self.label)
+            self.acquired = time.monotonic()
             await in_thread(self._guarded)
             if self.kind == BLOCK:
                 corrupt = await in_thread(self._refreshed, await storage.afetch(self.held, core.version))
@@ -445,15 +475,16 @@ class Transaction(Generic[T]):
         core = self.core
         self.done = True
         try:
+            if self.held is not None:
+                await core.storage.arelease(self.held)
+        finally:
             if core.active is self:
                 core.active = None
             ticket = self.guard_ticket
             if ticket is not None:
                 core.guard.give(ticket)
-        finally:
-            if self.held is not None:
-                await core.storage.arelease(self.held)
         self._disarm()
+        self._log()
 
 
 __all__ = ["BLOCK", "COMMIT", "Core", "Transaction"]

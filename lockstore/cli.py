@@ -260,6 +260,18 @@ def _cmd_holder(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _args_stats(p: argparse.ArgumentParser) -> None:
+    from . import _cli_stats
+
+    _cli_stats.add_arguments(p)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from . import _cli_stats
+
+    return _cli_stats.run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
@@ -368,6 +380,10 @@ _COMMANDS: Final[dict[str, _Command]] = {
                "(Linux: /proc/locks), the record lockstore keeps in FILE.lock adds its label and since when. Never "
                "takes the lock.",
                _args_holder, _cmd_holder),
+    "stats": ("show the lock's wait and hold statistics and a suggested timeout",
+              "Every process that uses FILE.lock keeps counts and histograms of its waits and holds in the lock file; "
+              "this prints them, with a timeout that would have covered every wait seen. --reset starts afresh.",
+              _args_stats, _cmd_stats),
     "demo": ("the README's demo: worker processes increment one counter, without and with transactions",
              "Prints the final count of plain reload() + commit() (lost updates) and of transaction() (exact).",
              _args_demo, _cmd_demo),

@@ -335,7 +335,7 @@ def test_lock_other_path(tmp_path: Path) -> None:
         with store.transaction() as s:
             s.value += 1
             assert other.read_bytes()  # the holder record is in the chosen lock file
-        assert not other.read_bytes().strip()  # blanked before release
+        assert not other.read_bytes()[:4096].strip()  # the record (its 4 KiB) is blanked before release
     assert not (tmp_path / "d.json.lock").exists()
     assert lockstore.read(p) == 2
 

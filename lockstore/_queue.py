@@ -1,0 +1,184 @@
+"""Who waits for a lock file, and since when: announcements in the lock file that need no lock.
+
+A lockstore process that has to wait for the lock writes a small record into one of the lock file's waiter slots
+(its pid, start time, host, PID namespace, label, timeout and since when it waits) and clears it when it stops
+waiting. Two things read them:
+
+- ``Store.waiters()`` and ``lockstore holder``: the queue, with labels, merged with the kernel's list of blocked
+  processes (``/proc/locks``), which also shows waiters that are not lockstore;
+- the holder, for fairness: the header keeps the start of the oldest wait, and a holder that sees, when it takes
+  the lock, a waiter that has waited longer than :data:`STARVE_AFTER` hands the lock over at its release instead of
+  taking it straight back for its next transaction (see ``_sidecar.py``). Waits shorter than that let a releaser
+  barge back in, which keeps the lock busy (a fair hand-over every time would wake a sleeping process every time);
+  this is the "starvation mode" of Go's ``sync.Mutex`` and of the Linux kernel's mutexes.
+
+Layout, after the holder record (``[0, 4096)``) and the statistics (``_stats.py``, from 4096, at most 2 KiB; the
+holder rewrites both in one ``pwrite`` at its release, so nothing a waiter writes may lie inside them):
+
+- ``HEADER`` at 6144: magic, a flag set by a waiter that timed out, then the oldest announced wait's start (epoch
+  seconds, a double; 0 when none). Waiters write it with ``pwrite`` and without the lock: racing writers can leave a
+  later start than the true oldest, which only delays a hand-over until the oldest waiter rewrites it.
+- ``SLOTS`` slots of ``SLOT`` bytes from 8192: a JSON record padded with spaces, or blanks when free. A waiter
+  takes the first free slot after ``hash(pid)``; a killed waiter's slot is taken over once its process is gone.
+
+A waiter that times out leaves its slot marked "timed out" (its wait, its timeout, its label) and sets the flag;
+the next holder sees the flag in what it reads anyway, collects the marks into the statistics and clears them. So
+a timeout is counted even when its process exits right after (a cron job), without that process holding the lock.
+
+Everything here is best effort: an unwritable lock file, a full disk or a foreign file only costs the
+diagnostics and the hand-over, never the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _holder
+
+if TYPE_CHECKING:
+    from ._holder import Holder
+
+HEADER: Final = 6144
+_MAGIC: Final = b"LSWQ"
+_HEAD: Final = struct.Struct("<4sI d")  # magic, timed-out flag, oldest wait's start
+_FLAG: Final = struct.Struct("<I")
+FIRST_SLOT: Final = 8192
+SLOT: Final = 512
+SLOTS: Final = 64
+END: Final = FIRST_SLOT + SLOT * SLOTS
+#: A wait longer than this makes the holder hand the lock over at its release instead of barging back in.
+STARVE_AFTER: Final = 0.002
+_BLANK: Final = b" " * SLOT
+
+
+def oldest(head: bytes) -> float:
+    """The start of the oldest announced wait in a header's bytes (0.0 when none, or not a header of ours)."""
+    if len(head) < _HEAD.size:
+        return 0.0
+    magic, _, since = _HEAD.unpack_from(head)
+    return since if magic == _MAGIC and since > 0 else 0.0
+
+
+def timeouts_marked(head: bytes) -> bool:
+    """Whether a header's bytes say that some waiter left a timed-out mark."""
+    if len(head) < _HEAD.size:
+        return False
+    magic, flag, _ = _HEAD.unpack_from(head)
+    return bool(magic == _MAGIC and flag != 0)
+
+
+class Announcement:
+    """This process's announcement of one wait in one lock file (made by :func:`announce`)."""
+
+    __slots__ = ("fd", "index", "since")
+
+    def __init__(self, fd: int, index: int, since: float) -> None:
+        self.fd = fd
+        self.index = index
+        self.since = since
+
+
+def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
+    """Write this process's waiter record into a free slot and the header; None when it cannot."""
+    since = time.time()
+    record = _holder.waiter_record(label, since, timeout)
+    if len(record) > SLOT:
+        return None
+    try:
+        slots = os.pread(fd, SLOT * SLOTS, FIRST_SLOT)
+        pid = os.getpid()
+        start = hash(pid) % SLOTS
+        for i in range(SLOTS):
+            index = (start + i) % SLOTS
+            chunk = slots[index * SLOT : index * SLOT + SLOT]
+            if chunk.strip(b" \0") and not _reusable(chunk, pid):
+                continue
+            os.pwrite(fd, record.ljust(SLOT), FIRST_SLOT + index * SLOT)
+            head = os.pread(fd, _HEAD.size, HEADER)
+            current = oldest(head)
+            if not current or since < current:
+                os.pwrite(fd, _MAGIC, HEADER)
+                os.pwrite(fd, struct.pack("<d", since), HEADER + 8)
+            return Announcement(fd, index, since)
+    except OSError:
+        pass
+    return None
+
+
+def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None:
+    """Clear the announcement (or, after a timeout, leave the ``timed_out`` mark in its place and set the flag); if
+    it was the oldest wait, put the next oldest (or none) into the header."""
+    fd = announcement.fd
+    try:
+        if timed_out is not None and len(timed_out) <= SLOT:
+            os.pwrite(fd, timed_out.ljust(SLOT), FIRST_SLOT + announcement.index * SLOT)
+            os.pwrite(fd, _FLAG.pack(1), HEADER + 4)
+        else:
+            os.pwrite(fd, _BLANK, FIRST_SLOT + announcement.index * SLOT)
+        if oldest(os.pread(fd, _HEAD.size, HEADER)) == announcement.since:
+            remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
+            os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
+    except OSError:
+        pass
+
+
+def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, float]]:
+    """Holding the lock: take the timed-out marks out of the slots (clearing the flag first, so that a mark left
+    meanwhile sets it again); return (waited, timeout, label, pid, when) of each."""
+    found: list[tuple[float, float, str | None, int, float]] = []
+    try:
+        os.pwrite(fd, _FLAG.pack(0), HEADER + 4)
+        slots = os.pread(fd, SLOT * SLOTS, FIRST_SLOT)
+        for index in range(len(slots) // SLOT):
+            chunk = slots[index * SLOT : index * SLOT + SLOT]
+            if b'"timed_out"' not in chunk:
+                continue
+            os.pwrite(fd, _BLANK, FIRST_SLOT + index * SLOT)
+            try:
+                raw = json.loads(chunk.split(b"\n", 1)[0])
+                waited, at = (float(x) for x in raw["timed_out"])
+                label = raw.get("label")
+                found.append((waited, float(raw.get("timeout", waited)), label if isinstance(label, str) else None,
+                              int(raw.get("pid", 0)), at))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a mark of ours: cleared, not counted
+    except OSError:
+        pass
+    return found
+
+
+def _reusable(chunk: bytes, pid: int) -> bool:
+    """A slot holding a record of this very process (left by an interrupted wait) or of a process that is gone."""
+    try:
+        raw: dict[str, Any] = json.loads(chunk)
+        if int(raw["pid"]) == pid and "timed_out" not in raw:
+            return True
+    except (ValueError, KeyError, TypeError):
+        return True  # not a record of ours: overwrite it
+    holder = _holder.parse(chunk)  # a timed-out mark waits for the next holder, unless its process is gone
+    return holder is None or holder.alive is False
+
+
+def _records(slots: bytes) -> list[Holder]:
+    found = []
+    for index in range(len(slots) // SLOT):
+        chunk = slots[index * SLOT : index * SLOT + SLOT]
+        if chunk.strip(b" \0") and b'"timed_out"' not in chunk:
+            holder = _holder.parse(chunk)
+            if holder is not None and holder.waiting_since is not None and holder.alive is not False:
+                found.append(holder)
+    return found
+
+
+def announced_in(data: bytes) -> list[Holder]:
+    """The lockstore waiters announced in a lock file's first bytes (read from 0), oldest first; dead ones are
+    left out."""
+    return sorted(_records(data[FIRST_SLOT:END]), key=lambda h: h.waiting_since or 0.0)
+
+
+__all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out", "oldest",
+           "timeouts_marked", "withdraw"]
