@@ -7,6 +7,7 @@ import os
 import pwd
 import stat
 import threading
+import time
 from pathlib import Path
 
 import filelock
@@ -177,6 +178,40 @@ def test_deleted_lock_file_is_noticed_and_the_current_one_is_locked(tmp_path: Pa
     with store.transaction() as s:
         s.value += 1
     assert lockstore.read(path) == 2
+
+
+def test_lock_file_replaced_while_waiting_is_noticed(tmp_path: Path) -> None:
+    # A process waiting for the lock is granted the OLD inode after an operator replaced the lock file and another
+    # process took the new one: it must notice and wait for the new file instead of entering beside that process.
+    import threading
+
+    from lockstore import _proclocks
+
+    path = str(tmp_path / "d.json")
+    store = lockstore.open(path, default=0, durable=False)
+    store.commit()
+    outcome: list[str] = []
+    with holding(path, "old-file holder") as first:
+        st = os.stat(path + ".lock")
+
+        def wait() -> None:
+            try:
+                with store.transaction(timeout=3):
+                    outcome.append("entered")
+            except lockstore.LockTimeout:
+                outcome.append("timed out")
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + DEADLINE
+        while not _proclocks.flock_waiters(st.st_dev, st.st_ino):  # our waiter is in the kernel's queue
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.unlink(path + ".lock")  # what an operator must never do
+        with holding(path, "new-file holder"):  # another process locks the new lock file at that path
+            first.release()  # the old inode's lock is handed to our waiter
+            waiter.join(DEADLINE)
+    assert outcome == ["timed out"], "a replaced lock file was not noticed: two processes held the lock at once"
 
 
 def test_withdrawn_waits_never_hand_out_a_lock_nobody_holds(tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+"""Mutation check of the acquire, release and write paths: remove or reorder each cleanup and ordering step, one at
+a time, and show that some test fails.
+
+Not collected by pytest (run it by hand: ``python tests/mutation_check.py [--only NAME ...]``, about 15 minutes). Each
+mutation is an exact text change in a copy of ``lockstore/`` (the change must apply exactly once), then the tests
+that should catch it run against the copy; a mutation that no test catches is reported as SURVIVED and the script
+exits 1. The table it prints is the evidence quoted in the CHANGELOG and the closing notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGNALS = "tests/test_signals.py"
+EDGES = "tests/test_edges.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+M = Mutation
+MUTATIONS = [
+    M("flock recorded only after the flock call", "_sidecar.py",
+      "                fd = slot.flocked = slot.fds[0]  # recorded first: release() undoes it whatever happens next\n"
+      "                try:\n                    flock(fd, LOCK_NB)\n",
+      "                fd = slot.fds[0]\n                try:\n                    flock(fd, LOCK_NB)\n"
+      "                    slot.flocked = fd\n", (SIGNALS,)),
+    M("no unlock at release", "_sidecar.py", "                        flock(fd, LOCK_UN)\n",
+      "                        pass\n", ("tests/test_lock.py", EDGES)),
+    M("the slot not given back at release", "_sidecar.py",
+      "                try:\n                    slot.give(held.ticket)\n                finally:\n",
+      "                try:\n                    pass\n                finally:\n", ("tests/test_store.py",)),
+    M("a call between forgetting the flock and the unlock", "_sidecar.py",
+      "                fd, slot.flocked = slot.flocked, None\n",
+      "                fd, slot.flocked = slot.flocked, None\n                time.monotonic()\n", (SIGNALS,)),
+    M("the record blanked without holding the flock", "_sidecar.py",
+      "            if slot.flocked is not None and slot.writable and slot.fds:\n",
+      "            if slot.writable and slot.fds:\n", ("tests/test_atomic.py",)),
+    M("release unlocks a request it does not hold", "_sidecar.py",
+      "        if not slot.held_by(held.ticket):\n            slot.give(held.ticket)  # withdraw a queued request\n"
+      "            return\n", "", ("tests/test_store.py", "tests/test_lock.py", SIGNALS)),
+    M("no release after a timeout", "_sidecar.py",
+      "        except _TimedOut:\n            self.release(held)\n            raise self.timeout_error(",
+      "        except _TimedOut:\n            raise self.timeout_error(", ("tests/test_lock.py", "tests/test_holder.py")),
+    M("a replaced lock file is not noticed", "_sidecar.py", "            if self._still_the_lock_file(slot):\n",
+      "            if True:\n", ("tests/test_lock.py",)),
+    M("announcements not withdrawn", "_sidecar.py",
+      "                if announcement is not None:\n                    _queue.withdraw(announcement)\n",
+      "                pass\n", ("tests/test_stats.py", "tests/test_holder.py")),
+    M("a timed-out request stays queued", "_owners.py",
+      "                if deadline is not None and time.monotonic() >= deadline:\n"
+      "                    self._remove(ticket)\n", "                if deadline is not None and time.monotonic() >= deadline:\n",
+      ("tests/test_lock.py", "tests/test_concurrency.py", SIGNALS)),
+    M("no hand-over to the next waiting thread", "_owners.py", "            nxt = self._queue.popleft()\n"
+      "            self.ticket = nxt\n            nxt.wake.release()\n",
+      "            self.ticket = None\n", ("tests/test_concurrency.py", EDGES)),
+    M("the end of a transaction not retried", "_txn.py",
+      "            try:\n                self._end()\n            except BaseException:\n"
+      "                self._end()  # an interrupt cut the first call short\n                raise\n\n",
+      "            self._end()\n\n", (SIGNALS,)),
+    M("the Store given back before the storage", "_txn.py",
+      "        try:\n            if self.held is not None:\n                core.storage.release(self.held)\n"
+      "        finally:\n            if core.active is self:\n                core.active = None\n"
+      "            ticket = self.guard_ticket\n            if ticket is not None:\n                core.guard.give(ticket)\n",
+      "        try:\n            if core.active is self:\n                core.active = None\n"
+      "            ticket = self.guard_ticket\n            if ticket is not None:\n                core.guard.give(ticket)\n"
+      "        finally:\n            if self.held is not None:\n                core.storage.release(self.held)\n",
+      (EDGES,)),
+    M("no release when entering fails", "_txn.py",
+      "                    self._set_aside_done(storage.set_aside(self.held), corrupt)\n        except BaseException:\n"
+      "            try:\n                self._end()\n            except BaseException:\n"
+      "                self._end()  # an interrupt cut the first call short\n                raise\n            raise\n",
+      "                    self._set_aside_done(storage.set_aside(self.held), corrupt)\n        except BaseException:\n"
+      "            raise\n", ("tests/test_store.py", "tests/reliability/test_bad_input.py", SIGNALS)),
+    M("no rollback when the block raises", "_txn.py",
+      "            if exc_type is not None:\n                self._rollback()\n                return\n",
+      "            if exc_type is not None:\n                return\n", ("tests/test_store.py",)),
+    M("a forked child writes through the inherited transaction", "_txn.py",
+      "        if self.generation != FORKS[0]:\n            self._forked_exit()\n            return\n        try:\n"
+      "            if exc_type is not None:\n                self._rollback()\n",
+      "        try:\n            if exc_type is not None:\n                self._rollback()\n", (EDGES,)),
+    M("commit encodes before taking the lock", "_store.py",
+      "        with Transaction(core, core.timeout, blocking=True, label=None, kind=COMMIT):\n            pass\n",
+      "        data = core.encode(self.value)\n"
+      "        with Transaction(core, core.timeout, blocking=True, label=None, kind=COMMIT):\n"
+      "            core.store.value = core.format.decode(data)\n", (EDGES,)),
+    M("reload does not wait for another thread's transaction", "_store.py",
+      "            core.take_guard(ticket, core.timeout)\n            try:\n                self.value = core.accept(",
+      "            try:\n                self.value = core.accept(", (EDGES,)),
+    M("the temp file not removed on a failed write", "_atomic.py",
+      "        if self.temp is not None and self.fds and not self.in_place():\n"
+      "            with contextlib.suppress(FileNotFoundError):\n                os.unlink(self.temp)\n",
+      "        pass\n", ("tests/test_atomic.py", "tests/reliability/test_faults.py")),
+    M("the new file's descriptor not closed on a failed write", "_atomic.py",
+      "        finally:\n            close_all(into)\n", "        finally:\n            pass\n", (SIGNALS,)),
+    M("the previous pin never closed", "_file.py",
+      "            try:\n                close_all(self._retired)\n            finally:\n",
+      "            try:\n                pass\n            finally:\n", (EDGES, SIGNALS)),
+    M("a switched symlink's new target not re-locked", "_file.py",
+      "            if self._sidecar(target) is not lock:\n", "            if False:\n", (EDGES,)),
+    M("a symlink at the lock path followed", "_sidecar.py",
+      "        if stat.S_ISLNK(st.st_mode):\n            raise OSError(errno.ELOOP,",
+      "        if False:\n            raise OSError(errno.ELOOP,", (EDGES,)),
+    M("savepoints through the format", "_txn.py",
+      "        self.savepoint = Savepoint(self.core.store.value)\n",
+      "        self.savepoint = Savepoint(self.core.format.decode(self.core.format.encode(self.core.store.value)))\n",
+      (EDGES, "tests/test_store.py")),
+]
+
+
+def copy_project(work: str) -> None:
+    """The project (package, tests, configuration) into ``work``, where the tests run against its package."""
+    for name in ("lockstore", "tests"):
+        shutil.copytree(os.path.join(ROOT, name), os.path.join(work, name),
+                        ignore=shutil.ignore_patterns("__pycache__", ".mypy_cache"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), work)
+
+
+def run(mutation: Mutation, work: str) -> tuple[bool, str]:
+    """Apply ``mutation`` to a fresh copy of lockstore/ in ``work``; True when some test failed (caught).
+
+    The tests run in ``work`` itself: ``python -m pytest`` puts the working directory first on ``sys.path``, so
+    run from the repository they would import the unchanged package."""
+    package = os.path.join(work, "lockstore")
+    shutil.rmtree(package, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "lockstore"), package, ignore=shutil.ignore_patterns("__pycache__"))
+    path = os.path.join(package, mutation.file)
+    with open(path) as f:
+        text = f.read()
+    count = text.count(mutation.old)
+    if count != 1:
+        return False, f"does not apply ({count} matches): update the mutation"
+    with open(path, "w") as f:
+        f.write(text.replace(mutation.old, mutation.new))
+    env = dict(os.environ, PYTHONPATH=work)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "120",
+                           *mutation.tests], cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode != 0, failed[0] if failed else proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run the mutations whose names contain any of these words")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    survived = 0
+    with tempfile.TemporaryDirectory() as work:
+        copy_project(work)
+        for mutation in chosen:
+            started = time.monotonic()
+            caught, detail = run(mutation, work)
+            survived += not caught
+            verdict = "caught" if caught else "SURVIVED"
+            print(f"{verdict:8}  {mutation.name}  ({time.monotonic() - started:.0f} s): {detail}", flush=True)
+    print(f"{len(chosen) - survived} of {len(chosen)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
