@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -250,6 +251,13 @@ class DiskCache(Competitor):
             return int(cache.get("n"))
 
 
+def _plug(store: Any, path: str, lock: Any) -> None:
+    """Make ``lock`` (a SidecarLock subclass on ``<path>.lock``) the lock of ``store``, the file store of ``path``."""
+    storage = store._core.storage
+    storage.native = False
+    storage._fixed = lock(path + ".lock", data_path=path)
+
+
 def no_record_lock(store: Any, path: str) -> None:
     """Switch the holder record off in ``store`` (a SidecarLock subclass that writes none; lockstore is untouched):
     the store's lock becomes a fixed sidecar ``<path>.lock`` whose ``_mark`` writes nothing (so nothing is blanked)."""
@@ -259,9 +267,38 @@ def no_record_lock(store: Any, path: str) -> None:
         def _mark(self, slot: Any, label: str | None) -> bool:
             return False
 
-    storage = store._core.storage
-    storage.native = False
-    storage._fixed = NoRecordLock(path + ".lock", data_path=path)
+    _plug(store, path, NoRecordLock)
+
+
+def no_stats_lock(store: Any, path: str) -> None:
+    """Switch the statistics off in ``store``, keeping the holder record as 0.1.x wrote it (a SidecarLock subclass;
+    lockstore is untouched): ``_mark`` reads 1 byte (a stale record?), writes the record and leaves ``slot.area``
+    None, so the release blanks only the record (one pwrite of ``record_len`` blanks) and updates no statistics."""
+    from lockstore import _holder, _sidecar
+
+    class NoStatsLock(_sidecar.SidecarLock):
+        def _mark(self, slot: Any, label: str | None) -> bool:
+            slot.acquired_at = time.monotonic()
+            slot.area = None
+            slot.oldest_wait = 0.0
+            if not slot.writable:
+                return True
+            fd = slot.fds[0]
+            try:
+                stale = os.pread(fd, 1, 0) not in (b"", b" ")
+            except OSError:
+                return True
+            try:
+                record = _holder.record(label)
+                if stale:  # cover a stale record whole, as lockstore does
+                    record = record.ljust(_sidecar.RECORD_MAX)
+                os.pwrite(fd, record, 0)
+                slot.record_len = len(record)
+            except OSError:
+                pass
+            return stale
+
+    _plug(store, path, NoStatsLock)
 
 
 class Lockstore(Competitor):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from _jobs import floor_write, make_value, no_record_lock, read_bytes
+from _jobs import Floor, floor_write, make_value, no_record_lock, no_stats_lock, read_bytes
 
 Samples = dict[str, list[float]]
 
@@ -147,62 +147,96 @@ def large(root: str, size: int, n: int, repeats: int) -> Samples:
     )
 
 
-def holder_record(root: str, n: int, repeats: int) -> tuple[Samples, Samples]:
-    """The holder record's cost: direct (the syscalls and the record) and as an A/B of whole transactions."""
+def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Samples, Samples]:
+    """The lock file's bookkeeping per transaction, measured directly (the cycle lockstore does now against the one
+    of 0.1.x, and their parts), and as an A/B of whole transactions in one process: lockstore as is, without the
+    statistics (a SidecarLock subclass doing 0.1.x's record only), without any record, and the bare-syscall floor."""
     import lockstore
-    from lockstore import _holder
+    from lockstore import _holder, _queue, _sidecar, _stats
 
-    lock_path = os.path.join(root, "holder.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    old_fd = os.open(os.path.join(root, "holder-0.1.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    new_fd = os.open(os.path.join(root, "holder-0.2.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    # A lock file as it is once some process has waited: the waiters' slots exist, so the pread gets all it asks for.
+    os.ftruncate(new_fd, _queue.END)
+    os.pwrite(new_fd, b" " * _sidecar.RECORD_MAX, 0)
+    head_size = _sidecar._HEAD  # record + statistics + the waiters' header: [0, 6160)
+    blanks = b" " * _sidecar.RECORD_MAX
+    host = _holder._host_name()
+    pid = os.getpid()
 
-    def record_cycle() -> None:
-        # What SidecarLock does per transaction: check for a stale record, write ours, blank it at release.
-        os.pread(fd, 1, 0)
+    def cycle_old() -> None:
+        # 0.1.x, per transaction: is a stale record there (1 byte)?, write ours, blank it at release.
+        _ = os.pread(old_fd, 1, 0) not in (b"", b" ")  # the check is part of the cost
         record = _holder.record(None)
-        os.pwrite(fd, record, 0)
-        os.pwrite(fd, b" " * len(record), 0)
+        os.pwrite(old_fd, record, 0)
+        os.pwrite(old_fd, b" " * len(record), 0)
 
-    def record_only() -> None:
-        _holder.record(None)
+    def cycle_new() -> None:
+        # SidecarLock._mark and _let_go now, uncontended: one pread of [0, 6160), the record, then at release the
+        # statistics updated and written with the blanked record region in one pwrite.
+        begun = time.monotonic()  # the acquisition's start (Held.start)
+        acquired = time.monotonic()
+        head = os.pread(new_fd, head_size, 0)
+        _ = head[:1] not in (b"", b" ")
+        area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
+        oldest = _queue.oldest(head[_queue.HEADER :])
+        _queue.timeouts_marked(head[_queue.HEADER :])
+        os.pwrite(new_fd, _holder.record(None), 0)
+        now = time.monotonic()
+        _stats.add(area, waited=acquired - begun, held=now - acquired, now=time.time(), label=None, pid=pid,
+                   host=host, timeouts=[])
+        os.pwrite(new_fd, blanks + area, 0)
+        _ = bool(oldest) and time.time() - oldest > _queue.STARVE_AFTER  # the hand-over decision
 
+    area = _stats.fresh(time.time())
+
+    def add_only() -> None:
+        _stats.add(area, waited=2e-6, held=3e-5, now=time.time(), label=None, pid=pid, host=host, timeouts=[])
+
+    cycle_new()  # the statistics area written once: every timed cycle updates a valid one
     direct = interleave(
         {
-            "record() + pread + 2 pwrite": block(record_cycle, n),
-            "record() alone": block(record_only, n),
+            "0.1.x: pread 1 B + record() + pwrite + blanking pwrite": block(cycle_old, n),
+            "now: pread 6160 B + record() + pwrite + _stats.add() + pwrite 4096 blanks + area": block(cycle_new, n),
+            "record() alone": block(lambda: _holder.record(None), n),
+            "_stats.add() alone": block(add_only, n),
         },
         repeats,
     )
-    os.close(fd)
+    os.close(old_fd)
+    os.close(new_fd)
 
-    stores = {}
+    ops: dict[str, Callable[[], object]] = {}
+    closers: list[Callable[[], None]] = []
     for durable in (True, False):
-        for record in (True, False):
-            path = os.path.join(root, f"holder-{durable}-{record}.json")
+        kind = "durable" if durable else "durable=False"
+        for variant, plug in (("as is", None), ("no statistics", no_stats_lock), ("no record", no_record_lock)):
+            path = os.path.join(root, f"holder-{durable}-{variant.replace(' ', '-')}.json")
             floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
             store = lockstore.open(path, durable=durable)
-            if not record:
-                no_record_lock(store, path)
-            stores[durable, record] = store
-
-    def txn(durable: bool, record: bool) -> Callable[[], None]:
-        store = stores[durable, record]
-
-        def op() -> None:
-            with store.transaction() as s:
-                s.value["n"] += 1
-
-        return op
-
-    ab = interleave(
-        {
-            "durable, record": block(txn(True, True), max(1, n // 10)),
-            "durable, no record": block(txn(True, False), max(1, n // 10)),
-            "durable=False, record": block(txn(False, True), n // 2),
-            "durable=False, no record": block(txn(False, False), n // 2),
-        },
-        repeats,
-    )
+            if plug is not None:
+                plug(store, path)
+            ops[f"{kind}, {variant}"] = _increment(store)
+            closers.append(store.close)
+        path = os.path.join(root, f"holder-{durable}-floor.json")
+        floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
+        ops[f"{kind}, floor"], close = Floor(durable=durable).open(path)
+        closers.append(close)
+    try:
+        ab = interleave({name: block(op, max(1, n // 10) if name.startswith("durable,") else max(1, n // 2))
+                         for name, op in ops.items()}, ab_repeats)
+    finally:
+        for close in closers:
+            close()
     return direct, ab
+
+
+def _increment(store: Any) -> Callable[[], None]:
+    def op() -> None:
+        with store.transaction() as s:
+            s.value["n"] += 1
+
+    return op
 
 
 def _child_import(code: str) -> tuple[float, str]:

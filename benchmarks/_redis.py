@@ -6,9 +6,8 @@ every run reuses. ``run(quick)`` returns the rows; ``python benchmarks/_redis.py
 
 Competitors, each incrementing ``{"n": ...}`` (JSON) at one key, durable (every write fsynced before the reply):
 
-- ``lockstore``: ``lockstore.open("redis://...#key").transaction()`` (lease lock, FIFO queue, fenced commit).
-- ``lockstore-merged``: the same with the transaction's last write and its release in one script, which needs an
-  engine change (the storage must be told which write is the last); patched in, in its worker only.
+- ``lockstore``: ``lockstore.open("redis://...#key").transaction()`` with its defaults (lease lock, FIFO queue,
+  fenced commit; the transaction's last write and its release are one script, ``save(..., last=True)``).
 - ``lock+cas``: the recipe people write: ``SET lock token NX PX 30000`` polled every millisecond, ``GET``, then one
   Lua script that writes and unlocks only if ``lock`` still holds the token (fenced, three round trips, no queue).
 - ``watch``: optimistic ``WATCH key`` / ``GET`` / ``MULTI SET EXEC``, retried on a conflict (no lock).
@@ -41,8 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("lockstore", "lockstore-merged", "lock+cas", "watch", "INCR")
-_ORIGINAL: dict[str, Any] = {}
+NAMES = ("lockstore", "lock+cas", "watch", "INCR")
 _CAS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -56,15 +54,10 @@ def _open(name: str, url: str, key: str) -> tuple[Callable[[], float], Callable[
     """``(increment, close)``; ``increment()`` returns how long it waited for its lock (0 without one)."""
     import redis
 
-    if name.startswith("lockstore"):
+    if name == "lockstore":
         import lockstore
-        from lockstore._redis import RedisStorage
 
-        # lockstore-merged: what the proposed engine change gives (the last save also releases); safe here, where no
-        # block calls commit(). The workers are reused, so every open sets the method the competitor needs.
-        original = _ORIGINAL.setdefault("save", RedisStorage.save)
-        setattr(RedisStorage, "save", RedisStorage.save_last if name == "lockstore-merged" else original)  # noqa: B010
-        store: Any = lockstore.open(f"{url}#{key}", default={"n": 0}, timeout=-1)
+        store: Any = lockstore.open(f"{url}#{key}", default={"n": 0})
         with store.transaction():
             pass  # connected, scripts cached
 
@@ -201,12 +194,16 @@ class _Pool:
         conns = self.conns[:processes]
         for c in conns:
             c.send((name, url, key, count))
-        for c in conns:
-            reply = c.recv()
-            if reply != "ready":
-                raise RuntimeError(f"{name}: a worker failed to open:\n{reply[1]}")
-        for c in conns:
-            c.send("go")
+        opened = [c.recv() for c in conns]  # every reply read before raising: none is left for the next run
+        failed = [reply[1] for reply in opened if reply != "ready"]
+        for c, reply in zip(conns, opened, strict=True):
+            if reply == "ready":
+                c.send("go")
+        if failed:
+            for c, reply in zip(conns, opened, strict=True):
+                if reply == "ready":
+                    c.recv()
+            raise RuntimeError(f"{name}: a worker failed to open:\n{failed[0]}")
         replies = [c.recv() for c in conns]
         for r in replies:
             if r[0] != "ok":
@@ -324,7 +321,7 @@ def run(quick: bool, base: str | None = None) -> list[dict[str, Any]]:
                          "spread_pct": _half_range(rates),
                          "vs_lock_cas": _median([a / b for a, b in zip(rates, base_rates, strict=True)]),
                          "round_trips": _median([x["round_trips"] for x in results[name, p]]), "final": verdict})
-    for name in ("lockstore", "lockstore-merged", "lock+cas"):
+    for name in ("lockstore", "lock+cas"):
         ratios, worst, ideal = [], [], []
         for single, busy in zip(results[name, 1], results[name, 8], strict=True):
             i = 8 * _median(single["durations"])

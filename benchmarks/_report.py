@@ -148,7 +148,8 @@ def machine(bench_dir: str) -> list[tuple[str, str]]:
         ("python", sys.version.split()[0]),
         ("sqlite", __import__("sqlite3").sqlite_version),
         ("versions", ", ".join(f"{d} {_version(d)}" for d in
-                               ("lockstore", "filelock", "atomicwrites", "atomic_store", "diskcache"))),
+                               ("lockstore", "filelock", "atomicwrites", "atomic_store", "diskcache", "psycopg",
+                                "redis"))),
         ("lockstore commit", git or "unknown"),
         ("lockstore under test", where),
         ("load average at start", " ".join(f"{x:.2f}" for x in load)),
@@ -165,11 +166,11 @@ def plot(series: dict[str, tuple[list[int], list[float], bool]], out: str, title
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=100)
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20")  # a listed colormap: an int picks one of its 20 colours
     for i, (label, (xs, ys, correct)) in enumerate(series.items()):
         ours = label.startswith("lockstore")
         ax.plot(xs, ys, marker="o", linestyle="-" if correct else "--", linewidth=3 if ours else 1.5,
-                color="black" if label.startswith("floor") and "no fsync" not in label else colors[(2 * i) % 20],
+                color="black" if label.startswith("floor") and "no fsync" not in label else colors((2 * i) % 20),
                 label=label + ("" if correct else " (LOSES UPDATES)"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

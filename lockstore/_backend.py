@@ -69,8 +69,9 @@ class Storage(Protocol):
         """Holding the lock: move an undecodable stored value out of the way (``on_corrupt="backup"``); return
         where it went, or None when this storage cannot."""
 
-    def release(self, held: object) -> None:
-        """Undo whatever :meth:`acquire` did; calling it again does nothing."""
+    def release(self, held: object, *, abandoned: bool = False) -> None:
+        """Undo whatever :meth:`acquire` did; calling it again does nothing. ``abandoned``: ``held``'s transaction
+        was dropped without its end, and another thread of this process cleans up after it."""
 
     def holder(self) -> Holder | None:
         """Who holds the lock now, read without taking it."""

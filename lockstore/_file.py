@@ -38,23 +38,50 @@ def _sig(st: os.stat_result) -> _Sig:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _resolve(path: str) -> tuple[str, os.stat_result | None]:
-    """The file that ``path`` names now (itself, or the end of its symlink chain) and its stat (None if missing)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return path, None
-    except OSError as exc:
-        raise with_path(exc, path) from None
-    if not stat.S_ISLNK(st.st_mode):
-        return path, st
-    target = os.path.realpath(path)
-    try:
-        return target, os.stat(target)
-    except FileNotFoundError:
-        return target, None
-    except OSError as exc:
-        raise with_path(exc, path) from None
+class _Resolver:
+    """The file a path names now: through symlinked directories (``current -> releases/42``) and a symlinked file.
+
+    The directory's real path is kept, keyed by the directory's identity (one ``stat`` per call tells whether a
+    link on the way was switched), so that the usual case costs a ``stat`` and an ``lstat``, not a ``realpath``.
+    """
+
+    __slots__ = ("base", "directory", "key", "path", "real")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.directory, self.base = os.path.split(path)
+        self.key: tuple[int, int] | None = None
+        self.real = self.directory
+
+    def __call__(self) -> tuple[str, os.stat_result | None]:
+        """(the file's path with every symlink resolved, its stat or None when missing)."""
+        path = self.path
+        try:
+            st = os.stat(self.directory or ".")
+            key = (st.st_dev, st.st_ino)
+            if key != self.key:
+                real = os.path.realpath(self.directory or ".")
+                try:
+                    found = os.stat(real)
+                    same = (found.st_dev, found.st_ino) == key
+                except OSError:  # e.g. a process that entered the directory, then lost the right to reach it
+                    same = False
+                self.real, self.key = (real if same else self.directory), key
+            leaf = os.path.join(self.real, self.base)
+            st = os.lstat(leaf)
+        except FileNotFoundError:
+            return (os.path.join(self.real, self.base) if self.key else path), None
+        except OSError as exc:
+            raise with_path(exc, path) from None
+        if not stat.S_ISLNK(st.st_mode):
+            return leaf, st
+        target = os.path.realpath(leaf)
+        try:
+            return target, os.stat(target)
+        except FileNotFoundError:
+            return target, None
+        except OSError as exc:
+            raise with_path(exc, path) from None
 
 
 class FileHeld:
@@ -82,7 +109,10 @@ class FileStorage:
         self.durable = durable
         self.poll_interval = poll_interval
         self.native = lock is True
+        if isinstance(lock, (str, os.PathLike)) and os.path.realpath(lock) == os.path.realpath(path):
+            raise ValueError(f"{path}: lock= names the data file itself; lockstore writes into its lock file")
         self._fixed = None if self.native else _lock.build(lock, path)
+        self._resolve = _Resolver(path)
         self._native: dict[str, SidecarLock] = {}  # lock=True: the sidecar of each target seen (normally one)
         self._last_target: str | None = None
         self._pins: list[int] = []  # a descriptor of the file our version describes
@@ -109,12 +139,19 @@ class FileStorage:
             lock = self._native[lock_file] = SidecarLock(lock_file, data_path=self.path)
         return lock
 
+    def _forget_other_targets(self, target: str) -> None:
+        """The symlink now names ``target``: the lock files of earlier targets are given back (a transaction still
+        waiting for one of them keeps using its slot until it lets go)."""
+        keep = target + ".lock"
+        for lock_file in [name for name in self._native if name != keep]:
+            self._native.pop(lock_file).close()
+
     def _current_lock(self) -> Lock | None:
         if not self.native:
             return self._fixed
         target = self._last_target
         if target is None:
-            target = self._last_target = _resolve(self.path)[0]
+            target = self._last_target = self._resolve()[0]
         return self._sidecar(target)
 
     # ------------------------------------------------------------------------------------------- reading
@@ -188,7 +225,7 @@ class FileStorage:
         return self._write(held.target, data, held.like)
 
     def put(self, data: bytes) -> object:
-        target, st = _resolve(self.path)
+        target, st = self._resolve()
         try:
             return self._write(target, data, st)
         finally:
@@ -242,8 +279,12 @@ class FileStorage:
     def settle(self, held: FileHeld, lock: Lock) -> bool:
         """Holding ``lock``: resolve the data path now. False when a switched symlink means that this is no longer
         the lock of the file the path names (the lock was let go; take the new one)."""
-        target, st = _resolve(self.path)
-        if self.native and self._last_target != target:
+        target, st = self._resolve()
+        if self.native:
+            # Compared every time, not only when the target differs from the last one seen: threads of this Store
+            # share _last_target, and one of them may already have noticed the switch for itself.
+            if target != self._last_target:
+                self._forget_other_targets(target)
             self._last_target = target
             if self._sidecar(target) is not lock:
                 lock.release(held.lock_held)
@@ -251,11 +292,14 @@ class FileStorage:
         held.target, held.like = target, st
         return True
 
-    def release(self, held: object) -> None:
+    def release(self, held: object, *, abandoned: bool = False) -> None:
         assert isinstance(held, FileHeld)
         try:
             if held.lock is not None and held.lock_held is not None:
-                held.lock.release(held.lock_held)
+                if abandoned and isinstance(held.lock, SidecarLock):
+                    held.lock.release(held.lock_held, abandoned=True)
+                else:
+                    held.lock.release(held.lock_held)
         finally:
             try:
                 close_all(self._retired)
@@ -296,10 +340,10 @@ class FileStorage:
             return self._fixed.lock if isinstance(self._fixed, _lock.FileLockAdapter) else None
         if not self.native:
             return None
-        if self._filelock is None:
-            lock = self._current_lock()
-            assert isinstance(lock, SidecarLock)
-            self._filelock = lock.filelock(timeout)
+        lock = self._current_lock()
+        assert isinstance(lock, SidecarLock)
+        if self._filelock is None or self._filelock.lock_file != lock.lock_file:
+            self._filelock = lock.filelock(timeout)  # the symlink was switched: the current target's lock file
         return self._filelock
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from filelock import BaseFileLock, Timeout
 from . import _holder
 from ._error import LockReentryError, LockTimeout
 from ._os import read_bytes
-from ._owners import OwnerLock, Ticket, conflicts
+from ._owners import OwnerLock, Ticket, at_fork, conflicts
 from ._sidecar import SidecarLock
 
 if TYPE_CHECKING:
@@ -70,6 +70,14 @@ class _AdapterHeld:
 
 _INSTANCE_SLOTS: weakref.WeakKeyDictionary[BaseFileLock, OwnerLock] = weakref.WeakKeyDictionary()
 _INSTANCE_SLOTS_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _INSTANCE_SLOTS_LOCK
+    _INSTANCE_SLOTS_LOCK = threading.Lock()  # another thread may have held it at the fork
+
+
+at_fork(_after_fork)
 
 
 class FileLockAdapter:

@@ -22,7 +22,10 @@ def timeout(value: object, name: str = "timeout") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int or Fraction beyond any float: as infinite
+        seconds = -math.inf if value < 0 else math.inf
     if math.isnan(seconds):
         raise ValueError(f"{name} must be a number of seconds, not NaN")
     if seconds < 0 or seconds > _LONGEST:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import sys
 import threading
 import time
@@ -151,6 +152,17 @@ class OwnerLock:
                     self._remove(ticket)
                     return False
 
+    def take_over(self, old: Ticket, new: Ticket) -> bool:
+        """Make ``new`` the holder in place of ``old`` if ``old`` still holds it (one step, under the guard): of
+        two parties cleaning up after a vanished holder, exactly one gets to."""
+        if self._generation != FORKS[0]:
+            self._check_fork()
+        with self._guard:
+            if self.ticket is not old:
+                return False
+            self.ticket = new
+            return True
+
     def try_take(self, ticket: Ticket) -> bool:
         return self.take(ticket, 0.0)
 
@@ -188,6 +200,33 @@ class OwnerLock:
         return self.ticket is not None or bool(self._queue)
 
 
+# ------------------------------------------------------------------------------------------------ deferred cleanup
+#: Cleanups that garbage collection asked for (a Store or lock dropped without close()). A collection can run in the
+#: middle of any code, lockstore's own locked sections included, so a finalizer only queues its work, with a C call
+#: (``SimpleQueue.put`` is safe there), and :func:`run_deferred` does it at the next lockstore call of the process.
+DEFERRED: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+
+
+def defer_when_collected(obj: object, cleanup: Callable[[], object]) -> None:
+    """Queue ``cleanup`` for :func:`run_deferred` once ``obj`` is garbage-collected (if it ever is)."""
+    weakref.finalize(obj, DEFERRED.put, cleanup)
+
+
+def run_deferred() -> None:
+    """Run the cleanups queued by collected objects (called where no lockstore lock is held)."""
+    if DEFERRED.empty():
+        return
+    while not DEFERRED.empty():
+        try:
+            cleanup = DEFERRED.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            cleanup()
+        except Exception:  # a cleanup is best effort: closing what nobody uses any more
+            pass
+
+
 # ------------------------------------------------------------------------------------------------ fork hooks
 _AFTER_FORK: list[Callable[[], None]] = []
 
@@ -198,9 +237,10 @@ def at_fork(hook: Callable[[], None]) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _generation
+    global _generation, DEFERRED
     _generation += 1
     FORKS[0] = _generation
+    DEFERRED = queue.SimpleQueue()  # the parent's collected objects are the parent's to clean up
     for hook in _AFTER_FORK:
         hook()
 

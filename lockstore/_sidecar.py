@@ -23,16 +23,16 @@ time; ``benchmarks/`` measures the difference).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
-import weakref
 from typing import TYPE_CHECKING, Final
 
 from . import _holder, _proclocks, _queue, _slots, _stats
 from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
-from ._owners import Ticket, conflicts
+from ._owners import Ticket, conflicts, defer_when_collected
 from ._slots import CAN_BLOCK, LOCK_EX, LOCK_NB, LOCK_UN, Slot, flock
 from ._waiter import Waiter
 
@@ -79,11 +79,10 @@ class SidecarLock:
     def __init__(self, lock_file: str, *, data_path: str | None = None) -> None:
         self.lock_file = lock_file
         self.data_path = data_path
-        self._slot: Slot | None = None
         # The slot this lock counts as a user of, in a box that the finalizer (which must not refer to self) shares:
         # a Store collected without close() still gives its lock file back.
         self._box: list[Slot | None] = [None]
-        self._finalizer = weakref.finalize(self, _slots.let_go, self._box)
+        defer_when_collected(self, functools.partial(_slots.let_go, self._box))
 
     def __repr__(self) -> str:
         return f"<SidecarLock {self.lock_file!r}>"
@@ -110,37 +109,36 @@ class SidecarLock:
             raise named(exc, self.lock_file) from None
         self._refuse(st)
         key = (st.st_dev, st.st_ino)
-        slot = self._slot
+        slot = self._box[0]
         if slot is not None and slot.key == key:
             return slot
-        return self._adopt(_slots.find(key))
-
-    def _adopt(self, slot: Slot) -> Slot:
-        """Use ``slot`` (whose count of users the caller already raised) instead of the previous one."""
-        old, self._slot = self._slot, slot
-        self._box[0] = slot
-        if old is not None:
-            _slots.unref(old)  # the previous file, or this one counted twice
-        return slot
+        return _slots.find(key, self._box)
 
     def _create_slot(self) -> Slot:
         fresh = Slot((0, 0))  # its own: threads of one Store may create at once
+        _slots.FRESH.append(fresh)  # a child forked before it is registered closes its descriptor too
         found: Slot | None = None
         try:
             self._open(fresh)
             st = os.fstat(fresh.fds[0])
             self._refuse(st)
-            found = _slots.register(fresh, (st.st_dev, st.st_ino))
+            found = _slots.register(fresh, (st.st_dev, st.st_ino), self._box)
         except OSError as exc:
             raise named(exc, self.lock_file) from None
         finally:
-            if found is not fresh:  # not registered (an error, or another Store registered this file first)
+            try:
+                if found is not fresh:  # not registered (an error, or another Store registered this file first)
+                    try:
+                        close_all(fresh.fds)
+                    except BaseException:
+                        close_all(fresh.fds)  # an interrupt cut the first call short
+                        raise
+            finally:
                 try:
-                    close_all(fresh.fds)
-                except BaseException:
-                    close_all(fresh.fds)  # an interrupt cut the first call short
-                    raise
-        return self._adopt(found)
+                    _slots.FRESH.remove(fresh)
+                except ValueError:
+                    pass
+        return found
 
     def _open(self, slot: Slot) -> None:
         """Open our descriptor of the lock file into ``slot.fds`` (never through a symlink)."""
@@ -214,13 +212,18 @@ class SidecarLock:
         held.start, held.label = start, label
         while True:
             slot = held.slot = self._find_slot()
-            if conflicts(slot.owner(), ticket.owner):
+            if slot.held_by_filelock_here():
+                # This thread holds the OS lock through ``store.lock``: work inside it, without queueing behind
+                # this process's other threads (they wait in the kernel for that very FileLock).
+                if ticket.owner in slot.inside or conflicts(slot.owner(), ticket.owner):
+                    raise LockReentryError(self.lock_file)
+                slot.inside[ticket.owner] = ticket
+                held.inside = True
+                return False
+            if conflicts(slot.owner(), ticket.owner) or ticket.owner in slot.inside:
                 raise LockReentryError(self.lock_file)
             if not slot.take(ticket, _remaining(start, timeout) if blocking else 0.0):
                 raise _TimedOut
-            if slot.held_by_filelock_here():
-                held.inside = True  # this thread holds the OS lock through ``store.lock``: work inside it
-                return False
             if not self._ready(slot):
                 slot.give(ticket)
                 continue
@@ -293,9 +296,11 @@ class SidecarLock:
             return
         if CAN_BLOCK:
             if not slot.waiters:
+                fds: list[int] = []
+                slot.waiter_fds.append(fds)  # registered before the descriptor exists: see _slots.Slot
                 try:
                     # Appended by C code as it is returned: an interrupt cannot orphan a running waiter thread.
-                    slot.waiters.extend(map(Waiter, (self.lock_file,)))
+                    slot.waiters.extend(map(Waiter, (self.lock_file,), (fds,)))
                 except OSError as exc:
                     raise named(exc, self.lock_file) from None
             waiter = slot.waiters[0]
@@ -357,17 +362,28 @@ class SidecarLock:
         return stale
 
     # ------------------------------------------------------------------------------------------- release
-    def release(self, held: object) -> None:
-        """Undo whatever :meth:`acquire` did for ``held``, wherever it stopped; calling it again does nothing."""
+    def release(self, held: object, *, abandoned: bool = False) -> None:
+        """Undo whatever :meth:`acquire` did for ``held``, wherever it stopped; calling it again does nothing.
+
+        ``abandoned``: ``held`` belongs to a transaction dropped without its end (another thread cleans up). A
+        thread waiting for the slot may take it over at the same moment (inheriting the flock), so the cleanup
+        first takes the slot over itself, in one step: only the winner touches the flock."""
         assert isinstance(held, Held)
         slot = held.slot
         if slot is None:
             return
+        if abandoned:
+            mine = Ticket(held.ticket.owner)
+            if not slot.take_over(held.ticket, mine):
+                slot.give(held.ticket)  # not the holder (any more): at most withdraw a queued request
+                return
+            held.ticket = mine
+        if held.inside:
+            if slot.inside.get(held.ticket.owner) is held.ticket:
+                del slot.inside[held.ticket.owner]
+            return
         if not slot.held_by(held.ticket):
             slot.give(held.ticket)  # withdraw a queued request
-            return
-        if held.inside:
-            slot.give(held.ticket)
             return
         self._let_go(held, slot)
 
@@ -383,11 +399,14 @@ class SidecarLock:
                 if area is not None:
                     if held.resets:
                         area[:] = _stats.fresh(time.time())
+                        slot.written = None
                     else:
                         now = time.monotonic()
-                        _stats.add(area, waited=slot.acquired_at - held.start, held=now - slot.acquired_at,
-                                   now=time.time(), label=held.label, pid=os.getpid(), host=_HOST,
-                                   timeouts=slot.timed_out)
+                        slot.cold = _stats.add(area, waited=slot.acquired_at - held.start, held=now - slot.acquired_at,
+                                               now=time.time(), label=held.label, pid=os.getpid(), host=_HOST,
+                                               timeouts=slot.timed_out,
+                                               cold=slot.cold if area == (slot.written or b"") else None)
+                        slot.written = bytes(area)
                         slot.timed_out = []
                     os.pwrite(slot.fds[0], _BLANKS + area, 0)
                     # A waiter that has waited too long gets the lock first (see _hand_over).
@@ -415,7 +434,6 @@ class SidecarLock:
 
     def close(self) -> None:
         """Stop using the lock file: the last user in this process closes its descriptors and waiter thread."""
-        self._slot = None
         _slots.let_go(self._box)
 
     # ------------------------------------------------------------------------------------------- diagnostics
@@ -424,7 +442,7 @@ class SidecarLock:
         """The LockTimeout for a wait of ``waited`` s, naming the holder. A waiter that does not hold the lock
         cannot write the statistics: its wait is counted by the next holder from the mark it left in the lock
         file (``counted``), or else at this process's next acquisition."""
-        slot = self._slot
+        slot = self._box[0]
         if not counted and slot is not None and len(slot.timed_out) < 64:
             slot.timed_out.append(_stats.TimedOut(waited, waited if timeout is None else timeout, label,
                                                   os.getpid(), time.time()))

@@ -54,8 +54,9 @@ else:  # pragma: no cover - no blocking flock (Windows): filelock's descriptor p
 class Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
 
-    __slots__ = ("acquired_at", "area", "external", "external_count", "fds", "flocked", "handoff", "key",
-                 "oldest_wait", "record_len", "refs", "timed_out", "waiters", "writable")
+    __slots__ = ("acquired_at", "area", "cold", "external", "external_count", "fds", "flocked", "handoff", "inside",
+                 "key", "oldest_wait", "record_len", "refs", "timed_out", "waiter_fds", "waiters", "writable",
+                 "written")
 
     def __init__(self, key: tuple[int, int]) -> None:
         super().__init__()
@@ -65,6 +66,9 @@ class Slot(OwnerLock):
         self.writable = True
         self.flocked: int | None = None  # the descriptor whose flock this process holds now (ours or the waiter's)
         self.waiters: list[Waiter] = []  # this process's waiter thread for the file (one, or none yet)
+        # Each waiter's descriptor list, registered before the waiter opens it: a child forked at any moment finds
+        # and closes every descriptor of the lock file it inherited.
+        self.waiter_fds: list[list[int]] = []
         self.record_len = 0
         # The statistics area as read when the lock was taken (updated and written back at the release), when the
         # holder took it, the oldest announced wait seen then, and waits of this process that timed out since.
@@ -72,61 +76,99 @@ class Slot(OwnerLock):
         self.acquired_at = 0.0
         self.oldest_wait = 0.0
         self.timed_out: list[TimedOut] = []
+        # The statistics area as this process wrote it last, and its first part's CRC: when the lock file still
+        # holds exactly these bytes (nobody else took the lock since), they need not be checked again.
+        self.written: bytes | None = None
+        self.cold = 0
         # Set at a release that must hand the lock to a waiter that waited too long: this process's next
         # acquisition first lets that waiter take it (see _sidecar.py).
         self.handoff = False
         # FileLocks handed out as ``store.lock`` on this file (their is_locked answers for the calling thread).
         self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
         self.external_count = 0  # how many were ever handed out: most slots have none, and need no look
+        self.inside: dict[object, object] = {}  # owners in a transaction inside their ``store.lock``: their ticket
 
     def close_files(self, *, forked: bool = False) -> None:
         """Close our descriptors and stop the waiter (never unlocks: only for an idle slot, or after fork)."""
         while self.waiters:
             self.waiters.pop().close(forked=forked)
+        if forked:
+            for fds in self.waiter_fds:
+                close_all(fds)
+        self.waiter_fds = [fds for fds in self.waiter_fds if fds]
         self.flocked = None
         close_all(self.fds)
+
+    def busy(self) -> bool:
+        return super().busy() or bool(self.inside)
 
     def held_by_filelock_here(self) -> bool:
         return bool(self.external_count) and any(lock.is_locked for lock in self.external)
 
 
 SLOTS: dict[tuple[int, int], Slot] = {}
+#: Slots being created (their descriptor is open, the file's identity not yet known): a fork finds them here.
+FRESH: list[Slot] = []
 _LOCK = threading.Lock()
 
 
 def _after_fork() -> None:
     global _LOCK
     _LOCK = threading.Lock()
-    for slot in SLOTS.values():
+    for slot in [*SLOTS.values(), *FRESH]:
         slot.close_files(forked=True)
         slot.handoff = False
         slot.timed_out = []
+        slot.inside = {}
+    FRESH.clear()
 
 
 at_fork(_after_fork)
 
 
-def find(key: tuple[int, int]) -> Slot:
-    """The slot of the lock file with this identity, made if needed; the caller now counts as one of its users."""
+def find(key: tuple[int, int], box: list[Slot | None]) -> Slot:
+    """The slot of the lock file with this identity, made if needed, put into the caller's ``box`` in place of the
+    one there (the caller now counts as a user of the new one, no longer of the old one)."""
     with _LOCK:
         slot = SLOTS.get(key)
         if slot is None:
             slot = SLOTS[key] = Slot(key)
-        slot.refs += 1
+        old = _swap(slot, box)
+    _drop_unused(old)
     return slot
 
 
-def register(fresh: Slot, key: tuple[int, int]) -> Slot:
-    """Register ``fresh`` (holding a newly opened descriptor) under ``key``, unless another Store registered the
-    file first: then that slot is returned (and the caller closes ``fresh``'s descriptor). The caller counts as a
-    user of the returned slot."""
+def register(fresh: Slot, key: tuple[int, int], box: list[Slot | None]) -> Slot:
+    """Register ``fresh`` (holding a newly opened descriptor) under ``key`` unless another Store registered the file
+    first, and put the registered slot into ``box`` (as :func:`find`); when it is not ``fresh``, the caller closes
+    ``fresh``'s descriptor."""
     with _LOCK:
         slot = SLOTS.get(key)
         if slot is None:
             fresh.key = key
             slot = SLOTS[key] = fresh
-        slot.refs += 1
+        old = _swap(slot, box)
+    _drop_unused(old)
     return slot
+
+
+def _drop_unused(old: Slot | None) -> None:
+    """Close the slot given up, and any other that nobody uses (one whose last user was interrupted between giving
+    it up and closing it): checked whenever this process looks up a lock file anew."""
+    for slot in [old, *(s for s in list(SLOTS.values()) if s.refs <= 0)]:
+        if slot is not None:
+            drop_if_unused(slot)
+
+
+def _swap(slot: Slot, box: list[Slot | None]) -> Slot | None:
+    # Under _LOCK, with no call in between: the count and the caller's record of it change together, whatever
+    # interrupts the caller afterwards.
+    old = box[0]
+    slot.refs += 1
+    box[0] = slot
+    if old is not None:
+        old.refs -= 1
+    return old
 
 
 def unref(slot: Slot) -> None:
@@ -146,10 +188,13 @@ def drop_if_unused(slot: Slot) -> None:
 
 
 def let_go(box: list[Slot | None]) -> None:
-    """The finalizer of a SidecarLock: it no longer uses the slot in ``box``."""
-    slot, box[0] = box[0], None
+    """A SidecarLock (closed, or collected: its finalizer) no longer uses the slot in ``box``."""
+    with _LOCK:
+        slot, box[0] = box[0], None
+        if slot is not None:
+            slot.refs -= 1
     if slot is not None:
-        unref(slot)
+        drop_if_unused(slot)
 
 
 def owner_of(dev: int, ino: int) -> object:

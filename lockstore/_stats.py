@@ -300,25 +300,30 @@ def fresh(now: float) -> bytearray:
 
 
 def add(area: bytearray, *, waited: float, held: float, now: float, label: str | None, pid: int, host: str,
-        timeouts: Sequence[TimedOut] = ()) -> None:
+        timeouts: Sequence[TimedOut] = (), cold: int | None = None) -> int:
     """Count one acquisition that waited ``waited`` s and held ``held`` s (released at ``now``, epoch seconds), and
     the ``timeouts`` this process reports; in place, with the checksum updated.
 
     ``area`` is what the lock file holds at ``OFFSET`` (up to ``SIZE`` bytes, fewer or none for an older lock
     file). When it is not an area of this format, it is replaced by ``fresh(now)`` first (resized in place); an
     area of a newer format is left as it is. Never raises for any content of ``area``.
+
+    Returns the CRC-32 of the area's first part (before the counts every acquisition changes). A caller that knows
+    ``area`` holds exactly the bytes it wrote last passes that value back as ``cold``: the area is then not checked
+    again (the check hashes the whole area; it costs a third of the call).
     """
     # The checksum is computed in two parts: the part before _HOT_AT changes only with a new longest hold or
     # timeouts, so its CRC, computed once for the check, is where the new checksum starts from.
     view = memoryview(area)
-    if len(area) != SIZE or not area.startswith(_PREFIX) or _crc32(view[_HOT_AT:], cold := _crc32(view[:_HOT_AT])) \
-            != _RESIDUE:
-        view.release()  # a resize needs no views of the bytearray
-        if _newer(area):
-            return
-        area[:] = fresh(now)
-        view = memoryview(area)
-        cold = _crc32(view[:_HOT_AT])
+    if cold is None or len(area) != SIZE:
+        cold = _crc32(view[:_HOT_AT]) if len(area) >= _HOT_AT else 0
+        if len(area) != SIZE or not area.startswith(_PREFIX) or _crc32(view[_HOT_AT:], cold) != _RESIDUE:
+            view.release()  # a resize needs no views of the bytearray
+            if _newer(area):
+                return _crc32(area[:_HOT_AT])
+            area[:] = fresh(now)
+            view = memoryview(area)
+            cold = _crc32(view[:_HOT_AT])
     if not 0.0 <= waited < 1e9:  # _HUGE, as a literal: this is the hot path
         waited = _clean(waited)
     if not 0.0 <= held < 1e9:
@@ -347,6 +352,7 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
             _add_timeouts(area, timeouts)
         cold = _crc32(view[:_HOT_AT])
     _CRC.pack_into(area, _CRC_AT, _crc32(view[_HOT_AT:_CRC_AT], cold))
+    return cold
 
 
 def parse(area: bytes | bytearray | memoryview) -> LockStats | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
@@ -12,7 +11,7 @@ from . import _options
 from ._error import CorruptStoreError, TransactionLockError
 from ._formats import resolve
 from ._os import read_bytes
-from ._owners import Ticket, current_owner
+from ._owners import Ticket, current_owner, defer_when_collected, run_deferred
 from ._target import make_storage, scheme_of
 from ._txn import BLOCK, COMMIT, Core, Transaction, release_abandoned
 
@@ -83,12 +82,13 @@ class Store(Generic[T]):
         self._core: Core[T] = Core(self, storage, fmt, default, timeout=wait, poll_interval=poll, on_corrupt=corrupt,
                                    warn_hold=hold_limit)
         self._with_depth: dict[object, int] = {}
-        self._finalizer = weakref.finalize(self, storage.close)
+        run_deferred()  # what collected Stores left to close (see _owners.DEFERRED)
+        defer_when_collected(self, storage.close)
         self.value = self._core.fresh_default()
         try:
             self._load()
         except BaseException:
-            self._finalizer()
+            storage.close()
             raise
 
     # ----------------------------------------------------------------- options and introspection
@@ -405,6 +405,7 @@ def read(
     fmt = _JSON if format is None and is_binary is None and not load_kwargs else resolve(
         format, is_binary=is_binary, load_kwargs=load_kwargs)
     target = os.fspath(path)
+    run_deferred()  # what collected Stores left to close (see _owners.DEFERRED)
     if scheme_of(target) is not None or target_options:
         return _read_server(target, default, fmt, target_options)
     try:

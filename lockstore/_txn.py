@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from ._backend import Stored
 from ._error import CorruptStoreError, DurabilityUnknownError, LockReentryError, LockTimeout, SerializationError
-from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation
+from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation, run_deferred
 from ._savepoint import Savepoint
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def release_abandoned() -> None:
         ticket = core.guard.ticket
         if ticket is not None and ticket.abandoned():
             core.guard.give(ticket)
-        core.storage.release(held)
+        core.storage.release(held, abandoned=True)
 
 
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
@@ -87,12 +87,14 @@ COMMIT: Final = 1
 class Core(Generic[T]):
     """A Store's private state and the steps every transaction path shares."""
 
-    __slots__ = ("_active", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage", "store",
+    __slots__ = ("_active", "_store", "default", "disk", "format", "guard", "on_corrupt", "poll_interval", "storage",
                  "timeout", "version", "warn_hold", "watches")
 
     def __init__(self, store: Store[T], storage: Storage, fmt: Format, default: T, *, timeout: float,
                  poll_interval: float, on_corrupt: OnCorrupt, warn_hold: float | None = None) -> None:
-        self.store = store
+        # Weakly: a Store and its Core referring to each other would be a cycle, freed only by the cyclic garbage
+        # collector, which would keep every dropped Store's descriptors open until it happens to run.
+        self._store = weakref.ref(store)
         self.storage = storage
         self.format = fmt
         self.default = default
@@ -107,6 +109,13 @@ class Core(Generic[T]):
         # interrupt at its very start) must be collectable, so that its watch gives everything back.
         self._active: Callable[[], Transaction[T] | None] = _NONE
         self.watches: set[weakref.ref[Transaction[T]]] = set()  # see Transaction._arm
+
+    @property
+    def store(self) -> Store[T]:
+        store = self._store()
+        if store is None:  # pragma: no cover - a transaction keeps its Store alive through its caller
+            raise ReferenceError("the Store was garbage-collected")
+        return store
 
     # ----------------------------------------------------------------------------------------- values
     def fresh_default(self) -> T:
@@ -190,11 +199,13 @@ class Core(Generic[T]):
 class Transaction(Generic[T]):
     """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
 
-    __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "generation", "guard_ticket", "held",
-                 "kind", "label", "outer", "owner", "savepoint", "timeout", "watch")
+    __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "entered", "generation",
+                 "guard_ticket", "held", "kind", "label", "outer", "owner", "savepoint", "store", "timeout", "watch")
 
     def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
         self.core = core
+        # Strongly: ``with lockstore.open(path).transaction() as s`` keeps no other reference to its Store.
+        self.store = core.store
         self.timeout = timeout
         self.blocking = blocking
         self.label = label
@@ -209,17 +220,19 @@ class Transaction(Generic[T]):
         self.watch: weakref.ref[Transaction[T]] | None = None
         self.begun = 0.0  # monotonic: when the outermost __enter__ began, and when it held the lock (0.0: not yet)
         self.acquired = 0.0
+        self.entered = False  # between __enter__ and __exit__
 
     # ----------------------------------------------------------------------------------------- shared steps
     def _join(self, outer: Transaction[T]) -> Store[T]:
         """A nested transaction: a savepoint of the outer one."""
+        store = self.store
+        self.savepoint = Savepoint(store.value)
         self.outer = outer
-        self.savepoint = Savepoint(self.core.store.value)
-        return self.core.store
+        return store
 
     def _leave_nested(self, failed: bool) -> None:
         if failed and self.savepoint is not None:
-            self.core.store.value = self.savepoint.restore()
+            self.store.value = self.savepoint.restore()
 
     def _guarded(self) -> None:
         """Holding the storage's lock: take the Store (waiting only for another thread's short ``reload()``)."""
@@ -231,7 +244,7 @@ class Transaction(Generic[T]):
     def _refreshed(self, stored: Stored | None) -> CorruptStoreError | None:
         """Make the store's value what is stored; the decoding error when it must be set aside (``backup``)."""
         core = self.core
-        store = core.store
+        store = self.store
         if stored is None:
             # Unchanged since this Store last read or wrote it: re-parse only if the caller changed the value since.
             baseline = core.baseline()
@@ -251,14 +264,14 @@ class Transaction(Generic[T]):
             raise error  # this storage cannot move a value aside: never overwrite it
         core = self.core
         core.disk, core.version = None, None
-        core.store.value = core.fresh_default()
+        self.store.value = core.fresh_default()
         log.warning("lockstore: %s could not be decoded; moved it aside to %s and started from the default",
                     core.storage.target, aside)
 
     def _to_write(self) -> bytes | None:
         """The bytes to write at the end, or None when a transaction's value did not change."""
         core = self.core
-        data = core.encode(core.store.value)
+        data = core.encode(self.store.value)
         if self.kind == BLOCK and data == core.baseline():
             return None
         return data
@@ -345,13 +358,30 @@ class Transaction(Generic[T]):
         """Before taking anything: release what dropped transactions left, and forget their watches."""
         if not _ABANDONED.empty():
             release_abandoned()
+        run_deferred()
         watches = self.core.watches
         if watches and len(watches) > 4:
             for watch in [w for w in watches if w() is None]:
                 watches.discard(watch)
 
     # ----------------------------------------------------------------------------------------- sync
+    def _once(self) -> None:
+        """A transaction object may be used again once its block has ended (each use is a new transaction), but
+        not entered while its block runs."""
+        if self.entered:
+            raise RuntimeError("this transaction object's block is still running: call store.transaction() for a "
+                               "nested one")
+        self.entered = True
+        self.generation = -1
+        self.held = None
+        self.guard_ticket = None
+        self.outer = None
+        self.savepoint = None
+        self.done = False
+        self.acquired = 0.0
+
     def __enter__(self) -> Store[T]:
+        self._once()
         core = self.core
         owner = current_owner()
         outer = core.mine(owner)
@@ -373,16 +403,18 @@ class Transaction(Generic[T]):
                 if corrupt is not None:
                     self._set_aside_done(storage.set_aside(self.held), corrupt)
         except BaseException:
+            self.entered = False
             try:
                 self._end()
             except BaseException:
                 self._end()  # an interrupt cut the first call short
                 raise
             raise
-        return core.store
+        return self.store
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self.entered = False
         if self.outer is not None:
             self._leave_nested(exc_type is not None)
             return
@@ -417,6 +449,7 @@ class Transaction(Generic[T]):
     async def __aenter__(self) -> Store[T]:
         from ._aio import in_thread, settle
 
+        self._once()
         core = self.core
         owner = current_owner()
         outer = core.mine(owner)
@@ -438,20 +471,23 @@ class Transaction(Generic[T]):
                 if corrupt is not None:
                     self._set_aside_done(await storage.aset_aside(self.held), corrupt)
         except BaseException:
+            self.entered = False
             await settle(self._aend())
             raise
-        return core.store
+        return self.store
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         from ._aio import in_thread, settle
 
+        self.entered = False
         if self.outer is not None:
             self._leave_nested(exc_type is not None)
             return
         if self.generation != FORKS[0]:
             self._forked_exit()
             return
+        wrote = False
         try:
             if exc_type is not None:
                 await in_thread(self._rollback)
@@ -460,13 +496,15 @@ class Transaction(Generic[T]):
             if data is not None:
                 try:
                     self._written(data, await self.core.storage.asave(self.held, data, last=True))
+                    wrote = True
                 except DurabilityUnknownError:
                     self._written(data, None)
                     raise
         except DurabilityUnknownError:
             raise
         except BaseException:
-            await in_thread(self._rollback)
+            if not wrote:  # a cancellation that comes after the write keeps the written value
+                await in_thread(self._rollback)
             raise
         finally:
             await settle(self._aend())

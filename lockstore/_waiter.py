@@ -3,16 +3,19 @@
 filelock waits by polling a non-blocking flock every ``poll_interval``: a hand-over can lag a whole interval, and
 a waiter that polls loses to a releaser that re-acquires at once, so under contention one process can starve. A
 blocking flock sits in the kernel's queue and is woken at the release, but it cannot time out; so a daemon thread
-sits in the kernel while the caller waits on a condition with its timeout.
+sits in the kernel while the caller waits, with its timeout, for that thread's answer.
 
 The thread locks its OWN descriptor of the lock file (a separate open file description). Its grant and the
 caller's descriptor therefore really exclude each other, and a grant that arrives after the caller gave up is
-dropped by unlocking the thread's own descriptor, which nobody else uses. (A shared descriptor would make a
-second flock on it "succeed" at once, and the thread's unlock of a withdrawn grant would release a lock that
-someone else believed held.)
+dropped by unlocking the thread's own descriptor, which nobody else uses.
 
-The condition's lock is an RLock used only through ``with self._lock``: its enter, exit and the condition's
-release/re-acquire around a wait are all C calls, so a KeyboardInterrupt in the caller cannot leave it held.
+Signals reach only the caller (a KeyboardInterrupt is raised in the main thread), so the caller's side uses nothing
+but C calls between its decisions: each wait is a :class:`_Request` whose ``done`` lock the thread releases, and
+every change of a request's state happens under a plain lock, in ``with`` statements, so that the caller and the
+thread agree on whether a grant was taken or dropped whatever interrupts the caller. (``threading.Condition.wait``
+is Python code: an interrupt right after it released its lock leaves that lock released, and the caller's state
+changes then race with the thread.) The thread's own waiting for requests may use a condition: no signal handler
+runs in it.
 """
 
 from __future__ import annotations
@@ -31,51 +34,75 @@ except ImportError:  # pragma: no cover - Windows: the caller polls instead
     AVAILABLE = False  # type: ignore[misc]
 
 
-class Waiter:
-    """One per process and lock file: a thread that takes the flock on its own descriptor when asked."""
+class _Request:
+    """One wait: ``done`` is released by the thread when it decided (granted, or an error)."""
 
-    def __init__(self, lock_file: str) -> None:
-        self._fds: list[int] = []
+    __slots__ = ("cancelled", "done", "granted")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.granted = False
+        self.cancelled = False
+
+
+class Waiter:
+    """One per process and lock file: a thread that takes the flock on its own descriptor when asked.
+
+    ``fds`` is the list that holds the thread's descriptor, owned by the caller (so that a forked child, where the
+    thread does not exist, can close it).
+    """
+
+    def __init__(self, lock_file: str, fds: list[int]) -> None:
+        self._fds = fds
+        self._guard = threading.Lock()  # the requests' state; only ever used in ``with`` statements
+        # The thread waits on the condition for a request; callers use its lock in ``with`` statements (C calls),
+        # never the condition's own __enter__/__exit__ (Python code).
+        self._wake_lock = threading.RLock()
+        self._wake = threading.Condition(self._wake_lock)
+        self._pending: _Request | None = None
+        self._closing = False
+        self._error: OSError | None = None
         try:
-            self.fd = open_into(self._fds, lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+            self.fd = open_into(fds, lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
             st = os.fstat(self.fd)
             self.inode = (st.st_dev, st.st_ino)
-            self._lock = threading.RLock()
-            self._cond = threading.Condition(self._lock)
-            self._requested = False
-            self._granted = False
-            self._closing = False
-            self._error: OSError | None = None
             threading.Thread(target=self._run, name=f"lockstore-waiter-{self.fd}", daemon=True).start()
         except BaseException:
-            close_all(self._fds)
+            # Interrupted in Thread.start, the thread may be running already: told to end (it has no request yet),
+            # and its descriptor closed here (it finds the list empty).
+            self.close()
+            close_all(fds)
             raise
 
     def _run(self) -> None:
         try:
             while True:
-                with self._lock:
-                    while not (self._requested or self._closing):
-                        self._cond.wait()
+                with self._wake_lock:
+                    while self._pending is None and not self._closing:
+                        self._wake.wait()
                     if self._closing:
                         return
+                    request = self._pending
+                    self._pending = None
+                assert request is not None
                 try:
                     fcntl.flock(self.fd, fcntl.LOCK_EX)
                 except OSError as exc:
-                    with self._lock:
+                    with self._guard:
                         self._error = exc
-                        self._cond.notify_all()
+                    request.done.release()
                     return
-                with self._lock:
-                    if self._requested and not self._closing:
-                        self._requested = False
-                        self._granted = True
-                        self._cond.notify_all()
-                        continue
-                    # The caller gave up meanwhile (or we are closing): drop the grant.
-                    fcntl.flock(self.fd, fcntl.LOCK_UN)
-                    if self._closing:
-                        return
+                with self._guard:
+                    dropped = request.cancelled or self._closing
+                    if dropped:
+                        fcntl.flock(self.fd, fcntl.LOCK_UN)  # the caller gave up meanwhile
+                    else:
+                        request.granted = True
+                if not dropped:
+                    request.done.release()
+                elif self._closing:
+                    return
         finally:
             close_all(self._fds)
 
@@ -85,43 +112,55 @@ class Waiter:
         The caller must hold this process's slot for the lock file, and unlock ``self.fd`` when it releases. On an
         exception (a signal handler's) the request is withdrawn: nobody is left holding the lock.
         """
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            self._requested = True
+        if self._error is not None:
+            raise self._error
+        request = _Request()
+        try:
+            with self._wake_lock:
+                self._pending = request
+                self._wake.notify()
+            request.done.acquire(True, -1 if timeout < 0 else timeout)
+            with self._guard:
+                if request.granted:
+                    return True
+                request.cancelled = True
+        except BaseException:
             try:
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._granted or self._error is not None,
-                                    None if timeout < 0 else timeout)
+                self._cancel(request)
             except BaseException:
-                self._withdraw()
+                self._cancel(request)  # an interrupt cut the first call short
                 raise
-            if self._granted:
-                self._granted = False
-                return True
-            self._withdraw()
-            if self._error is not None:
-                raise self._error
-            return False
+            raise
+        with self._wake_lock:
+            if self._pending is request:
+                self._pending = None
+        if self._error is not None:
+            raise self._error
+        return False
 
-    def _withdraw(self) -> None:
-        self._requested = False
-        if self._granted:  # granted in the instant after the wait ended
-            self._granted = False
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+    def _cancel(self, request: _Request) -> None:
+        """Withdraw ``request``: a grant it got is dropped, one still to come will be."""
+        with self._guard:
+            request.cancelled = True
+            granted, request.granted = request.granted, False
+            if granted:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        with self._wake_lock:
+            if self._pending is request:
+                self._pending = None
 
     def close(self, *, forked: bool = False) -> None:
         """Stop the thread; it closes its descriptor (releasing any flock on it) when it leaves the kernel.
 
-        In a forked child the thread does not exist (and its lock may have been held at the fork): only our copy of
+        In a forked child the thread does not exist (and its locks may have been held at the fork): only our copy of
         the descriptor is closed.
         """
         if forked:
             close_all(self._fds)
             return
-        with self._lock:
-            self._closing = True
-            self._cond.notify_all()
+        self._closing = True
+        with self._wake_lock:
+            self._wake.notify()
 
 
 __all__ = ["AVAILABLE", "Waiter"]

@@ -148,8 +148,11 @@ def run(mutation: Mutation, work: str) -> tuple[bool, str]:
     with open(path, "w") as f:
         f.write(text.replace(mutation.old, mutation.new))
     env = dict(os.environ, PYTHONPATH=work)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "120",
-                           *mutation.tests], cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", "60",
+                               *mutation.tests], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return True, "the tests hung (killed after 900 s)"
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     return proc.returncode != 0, failed[0] if failed else proc.stdout.strip().splitlines()[-1]
 

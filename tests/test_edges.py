@@ -559,6 +559,7 @@ for i in range(300):
         store.close()
     del store
 gc.collect()
+lockstore.read(os.path.join(d, "f0.json"))  # a later lockstore call closes what collected Stores left
 fds = len(os.listdir("/proc/self/fd"))
 print(fds, sum(t.name.startswith("lockstore-waiter") for t in threading.enumerate()))
 """

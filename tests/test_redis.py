@@ -913,9 +913,14 @@ def fifo_worker(target: str, n: int, start: Any, out: Any, barging: bool) -> Non
                 "ARGV[4], t) end")
         wake = "if head then redis.call('RPUSH', ARGV[2] .. head, 'w') end"
         free = scripts.RELEASE.text.replace(hand, wake)
-        assert take != scripts.ACQUIRE.text and free != scripts.RELEASE.text
+        # A transaction that wrote releases in the same script as its write: no hand-over there either.
+        save_hand = hand.replace("ARGV[2], ARGV[3], ARGV[4]", "ARGV[3], ARGV[4], ARGV[5]")
+        save_wake = wake.replace("ARGV[2]", "ARGV[3]")
+        save = scripts.SAVE_RELEASE.text.replace(save_hand, save_wake)
+        assert take != scripts.ACQUIRE.text and free != scripts.RELEASE.text and save != scripts.SAVE_RELEASE.text
         setattr(scripts, "ACQUIRE", scripts._script(take))  # noqa: B010 - a Final, replaced on purpose
         setattr(scripts, "RELEASE", scripts._script(free))  # noqa: B010
+        setattr(scripts, "SAVE_RELEASE", scripts._script(save))  # noqa: B010
     store: lockstore.Store[dict[str, int]] = lockstore.open(target, default={"n": 0}, timeout=-1)
     queue = key_of(target) + ":queue"
     with redis.Redis.from_url(target.partition("#")[0]) as raw:

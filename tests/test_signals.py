@@ -85,9 +85,9 @@ def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object
          make: Callable[[], BaseException] = KeyboardInterrupt, limit: int = 3000) -> tuple[int, list[str]]:
     """Inject at k = 1, 2, ... until the operation completes; return (points, violations)."""
     operation()  # warm up: the store's descriptors (and waiter thread) are open, as in a long-running program
-    with store.transaction() as s:
-        s.value["n"] += 1
     gc.collect()
+    with store.transaction() as s:  # also closes what earlier tests' collected Stores left (see _owners.DEFERRED)
+        s.value["n"] += 1
     baseline_fds = fds()
     problems: list[str] = []
     for k in range(1, limit):
@@ -220,10 +220,12 @@ def test_interrupt_in_a_timed_out_wait(tmp_path: Path) -> None:
 
         times_out()  # warm up: the waiter thread and its descriptor exist, as in a long-running program
         gc.collect()
+        lockstore.read(path)  # closes what collected Stores left (see _owners.DEFERRED)
         baseline = fds()
         for k in range(1, 2000):
             fired, _, where = inject(k, times_out)
             gc.collect()
+            lockstore.read(path)
             assert fds() == baseline, f"k={k} {where}: descriptors {fds() - baseline:+d}"
             if not fired:
                 break

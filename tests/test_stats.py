@@ -402,9 +402,7 @@ def test_cli_without_statistics(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
 
 
 # =================================================================================== end to end
-# Real processes, real lock files. Skipped until the statistics are integrated into the lock (store.stats()).
-needs_stats = pytest.mark.skipif(not hasattr(lockstore.Store, "stats"),
-                                 reason="store.stats() is not integrated into the lock yet (issue 11)")
+# Real processes, real lock files.
 
 _WORKER = """
 import sys, time, lockstore
@@ -463,7 +461,6 @@ def _stats_now(path: str) -> LockStats | None:
     return lockstore.open(path, default={"n": 0}).stats()
 
 
-@needs_stats
 def test_e2e_hold_percentiles_and_longest_hold_from_real_processes(data_file: str) -> None:
     """2 processes x 100 transactions, every 20th holding 50 ms with label "slow"; read after they have exited."""
     workers = [_spawn(_WORKER, data_file, "100", "20", "slow") for _ in range(2)]
@@ -482,7 +479,6 @@ def test_e2e_hold_percentiles_and_longest_hold_from_real_processes(data_file: st
     assert stats.suggested_timeout is not None and stats.suggested_timeout >= 1.0
 
 
-@needs_stats
 def test_e2e_a_timeout_is_counted_at_the_next_acquisition(data_file: str) -> None:
     holder = _spawn(_HOLDER, data_file)
     assert read_line(holder.stdout, DEADLINE) == "ready"
@@ -508,7 +504,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=DEADLINE, check=False)
 
 
-@needs_stats
 def test_e2e_cli_json_and_reset(data_file: str) -> None:
     _finish(_spawn(_WORKER, data_file, "30", "0", "-"))
     people = _cli(data_file)
@@ -528,14 +523,12 @@ def test_e2e_cli_json_and_reset(data_file: str) -> None:
     assert lockstore.read(data_file) == {"n": 30}  # a reset leaves the data alone
 
 
-@needs_stats
 def test_e2e_cli_without_statistics(tmp_path: Path) -> None:
     proc = _cli(str(tmp_path / "never-used.json"), "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "null"
 
 
-@needs_stats
 def test_e2e_concurrent_writers_keep_exact_counts(data_file: str) -> None:
     workers = [_spawn(_WORKER, data_file, "150", "0", "-") for _ in range(4)]
     for w in workers:
@@ -547,7 +540,6 @@ def test_e2e_concurrent_writers_keep_exact_counts(data_file: str) -> None:
         assert parse(f.read()[_stats.OFFSET : _stats.OFFSET + SIZE]) == stats
 
 
-@needs_stats
 @pytest.mark.parametrize("name, content", [
     ("an older lockstore's lock file, free", b" " * 180),
     ("an older lockstore's lock file with a killed holder's record", _old_record()),
@@ -565,7 +557,6 @@ def test_e2e_older_or_foreign_lock_file_still_works_then_gets_an_area(data_file:
     assert stats is not None and stats.acquisitions == 1, name
 
 
-@needs_stats
 def test_e2e_cli_reset_takes_the_lock(data_file: str) -> None:
     _finish(_spawn(_WORKER, data_file, "3", "0", "-"))
     holder = _spawn(_HOLDER, data_file)

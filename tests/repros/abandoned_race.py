@@ -42,7 +42,9 @@ def t0():
 def x():
     def tr(frame, event, arg):
         if event == "call" and frame.f_code is LET_GO and not x_paused.is_set():
-            x_paused.set(); y_past.wait(30)
+            # Wait for Y to pass its check, but not forever: with the take-over made exclusive, Y cannot get there
+            # before X has let go, and the schedule goes on after a moment.
+            x_paused.set(); y_past.wait(2)
         return None
     sys.settrace(tr)
     store.reload()                                   # any lockstore call: releases the dropped transaction

@@ -1,14 +1,17 @@
-"""Ctrl-C in SidecarLock._find_slot between raising the slot's count of users (``_SLOTS``/``_slots.find``) and
-adopting the slot: an exception at the start of ``_adopt`` (a point where CPython runs signal handlers; the
-project's own injector lists it as "_adopt at the start") leaks the count: the slot is never closed, so its
-lock-file descriptor (and waiter thread) stay open after every Store on the file is closed and collected.
-Each repetition on a new lock file leaks one more descriptor."""
-import gc, inspect, os, sys, tempfile, threading
-import lockstore
-from lockstore import _sidecar
-from helpers import Foreign
+"""Ctrl-C while a Store first looks up its lock file's slot must not leak the slot's count of users.
 
-code = _sidecar.SidecarLock._adopt.__code__
+The review's original: an exception at the start of ``SidecarLock._adopt`` (between ``_slots.find`` raising the
+slot's count and the Store recording it) leaked the count, so the slot and its lock-file descriptor stayed open after
+every Store on the file was closed and collected, one more per repetition. The count and its record now change
+together under one lock (``_slots.find(key, box)``). This version walks the project's injector (tests/_interrupt.py)
+over every interrupt point of the first transaction of a fresh Store on an existing lock file, closes and collects
+the Store after each run, and checks that no lock-file descriptor is left.
+"""
+import gc, os, sys, tempfile
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _interrupt import inject
+import lockstore
+
 
 def lock_fds():
     out = []
@@ -21,35 +24,34 @@ def lock_fds():
             out.append(t)
     return out
 
+
 d = tempfile.mkdtemp(dir=os.environ.get("REPRO_DIR"))
-ROUNDS = 5
-for r in range(ROUNDS):
-    path = os.path.join(d, f"d{r}.json")
+leaks = []
+for k in range(1, 2000):
+    os.mkdir(os.path.join(d, str(k)))  # a directory each: the first write sweeps it, and its size must not grow
+    path = os.path.join(d, str(k), "d.json")
     open(path + ".lock", "w").close()          # an existing lock file (another process made it)
     store = lockstore.open(path, default={"n": 0}, durable=False)
-    fired = []
-    def glob(frame, event, arg):
-        if event == "call" and frame.f_code is code and not fired and frame.f_back.f_code.co_name == "_find_slot":
-            fired.append(1)
-            raise KeyboardInterrupt          # at the start of _adopt
-        return None
-    sys.settrace(glob)
-    try:
+
+    def first():
         with store.transaction() as s:
             s.value["n"] += 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    with store.transaction() as s:           # works
+
+    fired, raised, where = inject(k, first)
+    with store.transaction() as s:             # the store works afterwards
         s.value["n"] += 1
     store.close()
     del store
     gc.collect()
-print(f"after {ROUNDS} interrupted-then-closed Stores: {len(lock_fds())} lock-file descriptors still open:")
-for t in lock_fds():
-    print("   ", t)
-if lock_fds():
-    print("FAIL: descriptors leaked")
+    if lock_fds():
+        leaks.append(f"k={k} {where}: {lock_fds()}")
+        break
+    if not fired:
+        print(f"walked {k - 1} interrupt points of a first transaction")
+        break
+for leak in leaks:
+    print("  ", leak)
+if leaks:
+    print("FAIL: lock-file descriptors leaked")
     sys.exit(1)
 print("PASS")

@@ -1,0 +1,214 @@
+"""The lock's queue for the file store, against real processes waiting for a real lock file: ``store.waiters()``
+and ``lockstore holder --json`` list them oldest first with their pids and labels; a non-lockstore waiter is listed
+from the kernel; announcements are withdrawn when a wait ends (the raw slots are blank again); a waiter that times
+out and exits at once (a cron job) is still counted, by the next process that takes the lock.
+
+Children synchronise on pipes and on what the kernel lists (``/proc/locks``), never on sleeps."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _children import DEADLINE, read_line
+
+import lockstore
+from lockstore import _proclocks, _queue
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks (Linux)")]
+
+_HOLDER = """
+import sys, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+with store.transaction(label="holder") as s:
+    s.value["n"] += 1
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+_WAITER = """
+import sys, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+with store.transaction(timeout=float(sys.argv[3]), label=sys.argv[2]) as s:
+    s.value["n"] += 1
+print("done", flush=True)
+"""
+
+_IMPATIENT_THEN_EXIT = """
+import sys, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+try:
+    with store.transaction(timeout=0.2, label="nightly-rollup") as s:
+        s.value["n"] += 1
+except lockstore.LockTimeout:
+    sys.exit(3)
+"""
+
+_FOREIGN = """
+import fcntl, sys
+with open(sys.argv[1], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("locked", flush=True)
+"""
+
+
+def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until(check: Callable[[], bool], what: str) -> None:
+    end = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _blocked(lock_file: str) -> list[int]:
+    st = os.stat(lock_file)
+    return _proclocks.flock_waiters(st.st_dev, st.st_ino) or []
+
+
+def _is_blocked(lock_file: str, pid: int) -> bool:
+    return pid in _blocked(lock_file)
+
+
+def _raw_slots(lock_file: str) -> bytes:
+    with open(lock_file, "rb") as f:
+        return f.read()[_queue.FIRST_SLOT:_queue.END]
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "jobs.json")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=DEADLINE)
+
+
+def _queue_up(data_file: str, procs: list[subprocess.Popen[str]], labels: list[str]) -> list[int]:
+    """A holder, then one lockstore waiter per label, each started once the previous one is blocked in the
+    kernel (so that the start order is the wait order). Returns the waiters' pids."""
+    holder = _spawn(_HOLDER, data_file)
+    procs.append(holder)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    lock_file = data_file + ".lock"
+    pids = []
+    for label in labels:
+        waiter = _spawn(_WAITER, data_file, label, "120")
+        procs.append(waiter)
+        pid = waiter.pid
+        _wait_until(functools.partial(_is_blocked, lock_file, pid), f"waiter {label} to block")
+        pids.append(waiter.pid)
+    return pids
+
+
+def test_holder_and_three_waiters_oldest_first_with_labels(data_file: str,
+                                                           procs: list[subprocess.Popen[str]]) -> None:
+    pids = _queue_up(data_file, procs, ["w1", "w2", "w3"])
+    store = lockstore.open(data_file, default={"n": 0})
+    holder = store.holder()
+    assert holder is not None and holder.pid == procs[0].pid and holder.label == "holder"
+    # Announcements are written just before the blocking call, so they are there once the kernel lists it.
+    waiting = store.waiters()
+    assert [w.pid for w in waiting] == pids
+    assert [w.label for w in waiting] == ["w1", "w2", "w3"]
+    since = [w.waiting_since for w in waiting]
+    assert all(s is not None for s in since) and since == sorted(since)  # type: ignore[type-var]
+    assert all(w.alive and w.host and w.cmdline for w in waiting)
+
+    cli = subprocess.run([sys.executable, "-m", "lockstore", "holder", data_file, "--json"], capture_output=True,
+                         text=True, timeout=DEADLINE, check=False)
+    assert cli.returncode == 0, cli.stderr
+    shown = json.loads(cli.stdout)
+    assert shown["held"] and shown["holder"]["pid"] == procs[0].pid and shown["holder"]["label"] == "holder"
+    assert [(w["pid"], w["label"]) for w in shown["waiting"]] == list(zip(pids, ["w1", "w2", "w3"], strict=True))
+
+    text = subprocess.run([sys.executable, "-m", "lockstore", "holder", data_file], capture_output=True, text=True,
+                          timeout=DEADLINE, check=False)
+    assert "waiting: 3 processes, oldest first" in text.stdout
+    assert all(str(pid) in text.stdout for pid in pids)
+
+    procs[0].communicate("go\n", timeout=DEADLINE)
+    for waiter in procs[1:]:
+        out, err = waiter.communicate(timeout=DEADLINE)
+        assert waiter.returncode == 0 and out.strip() == "done", err
+    assert lockstore.read(data_file) == {"n": 4}
+    assert store.waiters() == []
+    # Every announcement was withdrawn, not only hidden because its process is gone: the slots are blank.
+    assert _raw_slots(data_file + ".lock").strip(b" \0") == b""
+
+
+def test_control_a_killed_waiter_leaves_its_announcement_but_is_not_listed(
+        data_file: str, procs: list[subprocess.Popen[str]]) -> None:
+    """The negative control of the blank-slots check above: a waiter that cannot withdraw (kill -9) leaves
+    bytes in its slot, which the check would see; waiters() leaves the dead process out."""
+    [pid] = _queue_up(data_file, procs, ["doomed"])
+    os.kill(pid, signal.SIGKILL)
+    procs[1].communicate(timeout=DEADLINE)
+    slots = _raw_slots(data_file + ".lock")
+    assert b'"doomed"' in slots and slots.strip(b" \0") != b""
+    assert lockstore.open(data_file, default={"n": 0}).waiters() == []
+    procs[0].communicate("go\n", timeout=DEADLINE)
+    assert lockstore.read(data_file) == {"n": 1}
+
+
+def test_a_waiter_that_is_not_lockstore_is_listed_from_the_kernel(data_file: str,
+                                                                 procs: list[subprocess.Popen[str]]) -> None:
+    holder = _spawn(_HOLDER, data_file)
+    procs.append(holder)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    lock_file = data_file + ".lock"
+    foreign = _spawn(_FOREIGN, lock_file)
+    procs.append(foreign)
+    _wait_until(lambda: foreign.pid in _blocked(lock_file), "the foreign waiter to block")
+    [waiter] = lockstore.open(data_file, default={"n": 0}).waiters()
+    assert waiter.pid == foreign.pid and waiter.label is None and not waiter.recorded
+    assert waiter.alive and any("fcntl" in part for part in waiter.cmdline)
+    holder.communicate("go\n", timeout=DEADLINE)
+    assert read_line(foreign.stdout, DEADLINE) == "locked"
+
+
+def test_a_timed_out_waiter_that_exits_at_once_is_counted_by_the_next_holder(
+        data_file: str, procs: list[subprocess.Popen[str]]) -> None:
+    """The cron case: the waiter times out and exits, never holding the lock; its timeout still reaches the
+    statistics, collected by whichever process takes the lock next."""
+    holder = _spawn(_HOLDER, data_file)
+    procs.append(holder)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    impatient = _spawn(_IMPATIENT_THEN_EXIT, data_file)
+    procs.append(impatient)
+    impatient.communicate(timeout=DEADLINE)
+    assert impatient.returncode == 3
+    holder.communicate("go\n", timeout=DEADLINE)
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    before = store.stats()
+    assert before is not None and before.timeouts == 0  # the holder took the lock before the timeout
+    with store.transaction() as s:  # another process (this one) takes the lock next
+        s.value["n"] += 1
+    stats = store.stats()
+    assert stats is not None and stats.timeouts == 1
+    assert [(t.label, t.pid) for t in stats.recent_timeouts] == [("nightly-rollup", impatient.pid)]
+    assert stats.recent_timeouts[0].waited >= 0.2 and stats.timeout_max == 0.2
+    # Collected once: the mark is gone, a further transaction does not count it again.
+    with store.transaction() as s:
+        s.value["n"] += 1
+    again = store.stats()
+    assert again is not None and again.timeouts == 1 and again.acquisitions == stats.acquisitions + 1
