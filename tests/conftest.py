@@ -14,6 +14,22 @@ from collections.abc import Iterator
 import _servers
 import pytest
 
+_RELIABILITY = __file__.rsplit("/", 1)[0] + "/reliability/"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the default run fast: without ``-m``, skip the stress tier everywhere and the reliability suite's root
+    tier (the cheap root tests elsewhere, network-namespace hosts and loop mounts, stay in the default run), each
+    with a reason."""
+    if config.option.markexpr:
+        return
+    for item in items:
+        in_reliability = str(item.path).startswith(_RELIABILITY)
+        for tier in ("stress", "root"):
+            if item.get_closest_marker(tier) and (tier == "stress" or in_reliability):
+                item.add_marker(pytest.mark.skip(reason=f"{tier} tier: run with -m \"stress or root\" (tox -e stress)"))
+                break
+
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_servers.PgServer]:

@@ -27,20 +27,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
         tr.write_line(f"{row:<{width}}  {SCORE[row]:>12}")
     if SCORE.get("violations", 0):
         tr.write_line("VIOLATIONS FOUND: see the failed tests above", red=True, bold=True)
-
-
-_TIERS = ("stress", "root")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the default run fast: without ``-m``, skip this suite's stress and root tiers with a reason."""
-    if config.option.markexpr:
-        return
-    here = __file__.rsplit("/", 1)[0]
-    for item in items:
-        if not str(item.path).startswith(here):
-            continue
-        for tier in _TIERS:
-            if item.get_closest_marker(tier):
-                item.add_marker(pytest.mark.skip(reason=f"{tier} tier: run with -m \"stress or root\" (tox -e stress)"))
-                break
