@@ -86,7 +86,11 @@ def with_path(exc: OSError, path: str) -> OSError:
         return exc
     reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
     if exc.filename is not None:
-        reason += f" (on the temp file {os.path.basename(os.fsdecode(exc.filename))})"
+        name = os.fsdecode(exc.filename)
+        temp = os.path.basename(name)
+        # A temp file that is gone means nothing to the caller beyond its name; any other file (a directory on the
+        # way) is named in full.
+        reason += f" (on the temp file {temp})" if temp.startswith(".") and temp.endswith(".tmp") else f" (on {name})"
     return OSError(exc.errno, reason, path)
 
 

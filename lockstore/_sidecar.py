@@ -160,7 +160,10 @@ class SidecarLock:
         another file (deleted or replaced: the caller starts over)."""
         if not slot.fds:
             self._open(slot)
-            st = os.fstat(slot.fds[0])
+            try:
+                st = os.fstat(slot.fds[0])
+            except OSError as exc:
+                raise named(exc, self.lock_file) from None
             self._refuse(st)
             if (st.st_dev, st.st_ino) != slot.key:
                 close_all(slot.fds)

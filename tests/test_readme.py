@@ -17,10 +17,23 @@ def test_readme_has_examples() -> None:
     assert len(BLOCKS) >= 4
 
 
+def _on_test_servers(source: str, request: pytest.FixtureRequest) -> str:
+    """An example that names a PostgreSQL or Redis server runs against the test session's own servers: its URLs'
+    server parts are replaced (the keys after ``#`` are kept; Redis keys get this test's prefix)."""
+    if "postgresql://" in source:
+        url = request.getfixturevalue("pg_url")
+        source = re.sub(r"postgresql://[^#\"]*", url.partition("#")[0], source)
+    if "redis://" in source:
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_key")
+        source = re.sub(r"redis://[^#\"]*#", f"{url.partition('#')[0]}#{prefix}", source)
+    return source
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_example_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             request: pytest.FixtureRequest) -> None:
     monkeypatch.chdir(tmp_path)
-    code = compile(BLOCKS[index], f"README.md example {index + 1}", "exec")
+    code = compile(_on_test_servers(BLOCKS[index], request), f"README.md example {index + 1}", "exec")
     exec(code, {"__name__": f"readme_example_{index}"})  # the README's own examples
 
 
