@@ -87,7 +87,7 @@ class _Resolver:
 class FileHeld:
     """One acquisition of a file store's lock."""
 
-    __slots__ = ("holder", "like", "lock", "lock_held", "owner", "target", "turn")
+    __slots__ = ("holder", "like", "lock", "lock_held", "owner", "rotated", "target", "turn")
 
     def __init__(self, owner: object, holder: object) -> None:
         self.owner = owner
@@ -97,6 +97,7 @@ class FileHeld:
         self.target = ""
         self.like: os.stat_result | None = None  # the target's stat, as found under the lock
         self.turn: Any = None  # asyncio: this loop's turn for the lock file, held while the lock is
+        self.rotated = False  # this acquisition read or wrote under the lock: it closes the retired pin
 
 
 class FileStorage:
@@ -199,6 +200,7 @@ class FileStorage:
             return None if known is None else Stored(None, None)
         if known is not None and _sig(st) == known and self._pins:
             return None
+        held.rotated = True
         return self._read(held.target, self.path)
 
     # ------------------------------------------------------------------------------------------- writing
@@ -222,6 +224,7 @@ class FileStorage:
 
     def save(self, held: object, data: bytes, *, last: bool = False) -> object:
         assert isinstance(held, FileHeld)
+        held.rotated = True
         return self._write(held.target, data, held.like)
 
     def put(self, data: bytes) -> object:
@@ -302,7 +305,12 @@ class FileStorage:
                     held.lock.release(held.lock_held)
         finally:
             try:
-                close_all(self._retired)
+                # Only by the acquisition that rotated the descriptors, which holds the lock: the lists belong to
+                # whoever holds it, and a thread whose wait for this Store's turn timed out must not touch them
+                # while the holder writes (it would close the descriptor being written).
+                if held.rotated:
+                    held.rotated = False
+                    close_all(self._retired)
             finally:
                 if held.turn is not None:
                     from ._aio import give_turn

@@ -126,6 +126,17 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
         pass
 
 
+def repair_oldest(fd: int) -> None:
+    """Rewrite the header's oldest wait from the slots of waiters still alive (0 when none): after a hand-over that
+    nobody took, the header named a wait that had ended. A waiter announcing meanwhile may lose its start to this
+    write; it only delays that waiter's hand-over until another waiter rewrites the header."""
+    try:
+        remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
+        os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
+    except OSError:
+        pass
+
+
 def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, float]]:
     """Holding the lock: take the timed-out marks out of the slots (clearing the flag first, so that a mark left
     meanwhile sets it again); return (waited, timeout, label, pid, when) of each."""
@@ -181,4 +192,4 @@ def announced_in(data: bytes) -> list[Holder]:
 
 
 __all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out", "oldest",
-           "timeouts_marked", "withdraw"]
+           "repair_oldest", "timeouts_marked", "withdraw"]

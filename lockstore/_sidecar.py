@@ -29,7 +29,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Final
 
-from . import _holder, _proclocks, _queue, _slots, _stats
+from . import _holder, _proclocks, _queue, _slots, _stats, _waiter
 from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
 from ._owners import Ticket, conflicts, defer_when_collected
@@ -258,7 +258,12 @@ class SidecarLock:
         fd = slot.fds[0]
         deadline = time.monotonic() + _queue.STARVE_AFTER
         try:
-            while os.pread(fd, 1, 0) in (b"", b" ") and time.monotonic() < deadline:
+            while os.pread(fd, 1, 0) in (b"", b" "):
+                if time.monotonic() >= deadline:
+                    # Nobody came: the oldest wait in the header was stale (a killed waiter's, or one a racing
+                    # withdrawal wrote back). Put the true one there, or every release would hand over to nobody.
+                    _queue.repair_oldest(fd)
+                    break
                 time.sleep(_HANDOFF_POLL)
         except OSError:
             pass
@@ -298,6 +303,12 @@ class SidecarLock:
                 raise named(exc, self.lock_file) from None
             return
         if CAN_BLOCK:
+            if not slot.waiters:
+                # A waiter thread left in the kernel by a closed Store on this file (see _waiter.PARKED): taken
+                # over with its place in the queue rather than a second thread started beside it.
+                slot.waiters.extend(filter(None, map(_waiter.adopt, (slot.key,))))
+                if slot.waiters:
+                    slot.waiter_fds.append(slot.waiters[0].fds)
             if not slot.waiters:
                 fds: list[int] = []
                 slot.waiter_fds.append(fds)  # registered before the descriptor exists: see _slots.Slot
@@ -394,11 +405,14 @@ class SidecarLock:
         # Runs after the caller's write completed: an error here must not report that write as failed. A record
         # left behind only costs the next holder a sweep; a failed unlock is finished by closing our descriptors.
         try:
+            # What this turn read and wrote, taken once: a wait that ended without the lock (an interrupt) must not
+            # find the previous turn's and write it over the real holder's record.
+            area, slot.area = slot.area, None
+            record_len, slot.record_len = slot.record_len, 0
             if slot.flocked is not None and slot.writable and slot.fds:
                 # Only while we hold the flock are the record and the statistics ours to write. The record is
                 # blanked in place rather than truncated (a truncate frees the file's block and the next record
                 # allocates it again, every transaction); all blanks read as no holder. One pwrite does both.
-                area = slot.area
                 if area is not None:
                     if held.resets:
                         area[:] = _stats.fresh(time.time())
@@ -414,8 +428,8 @@ class SidecarLock:
                     os.pwrite(slot.fds[0], _BLANKS + area, 0)
                     # A waiter that has waited too long gets the lock first (see _hand_over).
                     slot.handoff = bool(slot.oldest_wait) and time.time() - slot.oldest_wait > _queue.STARVE_AFTER
-                elif slot.record_len:
-                    os.pwrite(slot.fds[0], b" " * slot.record_len, 0)
+                elif record_len:
+                    os.pwrite(slot.fds[0], b" " * record_len, 0)
         except OSError:
             pass
         finally:

@@ -25,6 +25,7 @@ import threading
 from typing import Final
 
 from ._os import O_CLOEXEC, O_NOFOLLOW, close_all, open_into
+from ._owners import at_fork
 
 try:
     import fcntl
@@ -46,6 +47,25 @@ class _Request:
         self.cancelled = False
 
 
+#: Waiters whose Stores were all closed while their thread was blocked in the kernel, by the lock file's
+#: (device, inode). A blocking flock cannot be called off, so such a thread stays until the lock comes to it; the
+#: next Store on the same file adopts it (with its place in the kernel's queue) instead of starting another, so a
+#: program that opens a Store per attempt while a foreign process holds the lock for hours keeps one thread and one
+#: descriptor per lock file, not one per attempt. A parked thread that gets the lock before anyone adopts it drops
+#: the grant and ends.
+PARKED: dict[tuple[int, int], Waiter] = {}
+_PARK_LOCK = threading.Lock()
+
+
+def adopt(inode: tuple[int, int]) -> Waiter | None:
+    """The parked waiter of this lock file, now the caller's (None when there is none)."""
+    with _PARK_LOCK:
+        waiter = PARKED.pop(inode, None)
+        if waiter is not None:
+            waiter._parked = False
+        return waiter
+
+
 class Waiter:
     """One per process and lock file: a thread that takes the flock on its own descriptor when asked.
 
@@ -62,6 +82,8 @@ class Waiter:
         self._wake = threading.Condition(self._wake_lock)
         self._pending: _Request | None = None
         self._closing = False
+        self._busy = False  # the thread is in the kernel for a request (under _guard)
+        self._parked = False  # in PARKED (under _PARK_LOCK)
         self._error: OSError | None = None
         try:
             self.fd = open_into(fds, lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
@@ -85,23 +107,29 @@ class Waiter:
                         return
                     request = self._pending
                     self._pending = None
+                    with self._guard:
+                        self._busy = True
                 assert request is not None
                 try:
                     fcntl.flock(self.fd, fcntl.LOCK_EX)
                 except OSError as exc:
                     with self._guard:
                         self._error = exc
+                        self._busy = False
+                        self._unpark()
                     request.done.release()
                     return
                 with self._guard:
+                    self._busy = False
                     dropped = request.cancelled or self._closing
                     if dropped:
                         fcntl.flock(self.fd, fcntl.LOCK_UN)  # the caller gave up meanwhile
                     else:
                         request.granted = True
+                    ending = self._closing or self._unpark()
                 if not dropped:
                     request.done.release()
-                elif self._closing:
+                elif ending:
                     return
         finally:
             close_all(self._fds)
@@ -149,8 +177,19 @@ class Waiter:
             if self._pending is request:
                 self._pending = None
 
+    def _unpark(self) -> bool:
+        """Under ``_guard``: leave PARKED; True when this thread was parked (nobody adopted it: it ends)."""
+        with _PARK_LOCK:
+            if not self._parked:
+                return False
+            self._parked = False
+            if PARKED.get(self.inode) is self:
+                del PARKED[self.inode]
+            return True
+
     def close(self, *, forked: bool = False) -> None:
-        """Stop the thread; it closes its descriptor (releasing any flock on it) when it leaves the kernel.
+        """Stop the thread; it closes its descriptor (releasing any flock on it) when it leaves the kernel. A thread
+        in the kernel for a withdrawn request is parked instead, for the next Store on the file to adopt.
 
         In a forked child the thread does not exist (and its locks may have been held at the fork): only our copy of
         the descriptor is closed.
@@ -158,9 +197,32 @@ class Waiter:
         if forked:
             close_all(self._fds)
             return
-        self._closing = True
+        with self._guard:
+            if self._busy and not self._closing:
+                with _PARK_LOCK:
+                    if self.inode not in PARKED:
+                        PARKED[self.inode] = self
+                        self._parked = True
+                        return
+            self._closing = True
         with self._wake_lock:
             self._wake.notify()
 
+    @property
+    def fds(self) -> list[int]:
+        """The list that holds the thread's descriptor (for an adopting slot's fork bookkeeping)."""
+        return self._fds
 
-__all__ = ["AVAILABLE", "Waiter"]
+
+def _after_fork() -> None:
+    """In a child: the parked threads do not exist here; close our copies of their descriptors."""
+    global _PARK_LOCK
+    _PARK_LOCK = threading.Lock()
+    for waiter in PARKED.values():
+        close_all(waiter.fds)
+    PARKED.clear()
+
+
+at_fork(_after_fork)
+
+__all__ = ["AVAILABLE", "PARKED", "Waiter", "adopt"]

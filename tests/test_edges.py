@@ -119,6 +119,40 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
     assert lockstore.read(p)["n"] == 400
 
 
+def test_a_thread_timing_out_on_the_stores_turn_leaves_the_holders_descriptors_alone(tmp_path: Path) -> None:
+    """A thread whose wait for the Store's turn times out must not touch the descriptors the holding thread reads
+    and writes through (it used to close the holder's retired pin, and in an unlucky moment the descriptor being
+    written: a completed write then raised, and its update went unacknowledged)."""
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default={"n": 0}, durable=False)
+    with store.transaction() as s:
+        s.value["n"] += 1
+    storage: Any = store._core.storage  # white box: the descriptors are the storage's private lists
+    other = lockstore.open(p, default={"n": 0}, durable=False)
+    with other.transaction() as o:  # the file changes behind the store's back: its next transaction re-reads
+        o.value["n"] += 1
+    timed_out: list[bool] = []
+
+    def impatient() -> None:
+        try:
+            with store.transaction(timeout=0.01):
+                pass
+        except lockstore.LockTimeout:
+            timed_out.append(True)
+
+    with store.transaction() as s:
+        retired = list(storage._retired)
+        assert retired  # the pin of the previous read, closed when this transaction lets go of the lock
+        thread = threading.Thread(target=impatient)
+        thread.start()
+        thread.join(DEADLINE)
+        assert timed_out == [True]
+        assert storage._retired == retired  # untouched by the thread that timed out
+        os.fstat(retired[0])  # still open
+        s.value["n"] += 1
+    assert lockstore.read(p) == {"n": 3}
+
+
 def test_with_store_depth_is_per_thread(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
     store: lockstore.Store[Any] = lockstore.open(p, default={}, durable=False, ignore_inner_exits=True)

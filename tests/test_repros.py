@@ -1,7 +1,10 @@
 """The adversarial review's repros (``tests/repros/``), each a standalone script that exits 0 and prints PASS when
 lockstore holds up: lost updates through threads on a switched symlink, a dropped transaction racing its take-over,
 a Ctrl-C in a contended wait, a switched directory symlink, ``store.lock`` held around transactions, forks while a
-waiter starts or a lock instance is registered, a reused transaction object, and leaks. Each failed on the code the
+waiter starts or a lock instance is registered, a reused transaction object, and leaks; from a second review, a
+Ctrl-C in a contended wait wiping the real holder's record, a stale "oldest wait" (a killed waiter's, or one left by
+racing withdrawals) making every release hand over to nobody, and a waiter thread per timed-out attempt through a
+new Store while a foreign process holds the lock. Each failed on the code the
 review attacked (see the CHANGELOG); the scripts run unchanged, in a fresh interpreter, against this checkout.
 """
 
@@ -28,6 +31,11 @@ QUICK = [
     "leak_symlink_switch.py",
     "storelock_stale_symlink.py",
     "kbi_find_slot_refs.py",
+    # The second review (of the fixes above and of the statistics and hand-over):
+    "kbi_wait_blanks_holder.py",
+    "killed_waiter_stall.py",
+    "contention_stale_oldest.py",
+    "reopen_timeout_thread_leak.py",
 ]
 SLOW = ["symlink_switch_stress.py", "kbi_cold_walk.py"]
 
