@@ -22,7 +22,7 @@ from ._error import (
 )
 from ._formats import AbstractFormatBstr, AbstractFormatFile
 from ._holder import Holder
-from ._stats import LockStats
+from ._stats_report import LockStats
 from ._store import DEFAULT_POLL_INTERVAL, DEFAULT_TIMEOUT, Store, open, read
 
 __version__ = "0.2.0"

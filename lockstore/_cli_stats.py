@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 
+from ._cli_args import seconds
+from ._cli_commands import Opaque
+from ._cli_exit import EXIT_OK
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``stats`` command's arguments."""
-    from .cli import _seconds
-
     p.add_argument("file", metavar="FILE", help="the data file (its lock is FILE.lock)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the field names of lockstore.LockStats (null when there are "
                         "no statistics yet)")
     p.add_argument("--reset", action="store_true",
                    help="print the statistics, then start them afresh (takes the lock)")
-    p.add_argument("-w", "--timeout", type=_seconds, metavar="SECONDS", default=None,
+    p.add_argument("-w", "--timeout", type=seconds, metavar="SECONDS", default=None,
                    help="with --reset: wait at most SECONDS for the lock (default 30; negative waits forever)")
 
 
@@ -33,11 +35,9 @@ def run(args: argparse.Namespace) -> int:
     """
     import lockstore
 
-    from .cli import EXIT_OK, _Opaque
-
     options = {} if args.timeout is None else {"timeout": args.timeout}
     # Opaque: the statistics are in the lock file, and must be readable whatever the data file holds.
-    store = lockstore.open(args.file, format=_Opaque, is_binary=True, **options)
+    store = lockstore.open(args.file, format=Opaque, is_binary=True, **options)
     stats = store.stats()
     if args.json:
         import json

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ._error import LockTimeout
     from ._holder import Holder
     from ._lock import Lock
-    from ._stats import LockStats
+    from ._stats_report import LockStats
 
 _Sig = tuple[int, int, int, int, int]
 

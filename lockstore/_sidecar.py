@@ -34,6 +34,7 @@ from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
 from ._owners import Ticket, conflicts, defer_when_collected
 from ._slots import CAN_BLOCK, LOCK_EX, LOCK_NB, LOCK_UN, Slot, flock
+from ._stats_report import LockStats, TimedOut
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
@@ -360,7 +361,7 @@ class SidecarLock:
         slot.area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
         slot.oldest_wait = _queue.oldest(head[_queue.HEADER :])
         if _queue.timeouts_marked(head[_queue.HEADER :]):
-            slot.timed_out.extend(_stats.TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
+            slot.timed_out.extend(TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
         # that follows reports the disk's state and names the data file).
         try:
@@ -461,8 +462,8 @@ class SidecarLock:
         file (``counted``), or else at this process's next acquisition."""
         slot = self._box[0]
         if not counted and slot is not None and len(slot.timed_out) < 64:
-            slot.timed_out.append(_stats.TimedOut(waited, waited if timeout is None else timeout, label,
-                                                  os.getpid(), time.time()))
+            slot.timed_out.append(TimedOut(waited, waited if timeout is None else timeout, label,
+                                           os.getpid(), time.time()))
         holder, stale = self.holder_and_staleness()
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)
 
@@ -511,7 +512,7 @@ class SidecarLock:
         found_waiters += announced.values()
         return sorted(found_waiters, key=lambda w: w.waiting_since or float("inf"))
 
-    def stats(self) -> _stats.LockStats | None:
+    def stats(self) -> LockStats | None:
         """The lock file's statistics, read without the lock (None when there are none yet)."""
         found = self._probe_read(_stats.OFFSET + _stats.SIZE)
         return None if found is None else _stats.parse(found[0][_stats.OFFSET :])

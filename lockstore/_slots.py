@@ -28,7 +28,7 @@ from ._waiter import Waiter
 if TYPE_CHECKING:
     from filelock import BaseFileLock
 
-    from ._stats import TimedOut
+    from ._stats_report import TimedOut
 
 LOCK_EX: int
 LOCK_NB: int

@@ -18,7 +18,7 @@ from ._txn import BLOCK, COMMIT, Core, Transaction, release_abandoned
 if TYPE_CHECKING:
     from ._holder import Holder
     from ._options import OnCorrupt
-    from ._stats import LockStats
+    from ._stats_report import LockStats
 
 T = TypeVar("T")
 

@@ -1,5 +1,6 @@
-"""``lockstore/_stats.py`` (areas as bytes), the ``stats`` command against a stand-in store, and, at the end, the
-statistics end to end: real processes, real lock files, ``python -m lockstore stats``."""
+"""``lockstore/_stats.py`` (areas as bytes) and ``lockstore/_stats_report.py`` (what they say), the ``stats``
+command against a stand-in store, and, at the end, the statistics end to end: real processes, real lock files,
+``python -m lockstore stats``."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lockstore
-from lockstore import _cli_stats, _stats
-from lockstore._stats import SIZE, LabelCount, LockStats, TimedOut, add, fresh, parse, suggest
+from lockstore import _cli_stats, _stats, _stats_report
+from lockstore._stats import SIZE, add, fresh, parse
+from lockstore._stats_report import LabelCount, LockStats, TimedOut, suggest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,7 +64,8 @@ def test_fresh_area_is_empty() -> None:
     stats = stats_of(area)
     assert (stats.acquisitions, stats.timeouts, stats.since) == (0, 0, T0)
     assert stats.longest_hold is None and stats.suggested_timeout is None
-    assert stats.wait == stats.hold == _stats.Distribution(0.0, 0.0, 0.0, 0.0, 0.0, (0,) * _stats.BUCKETS)
+    empty = _stats_report.Distribution(0.0, 0.0, 0.0, 0.0, 0.0, (0,) * _stats_report.BUCKETS)
+    assert stats.wait == stats.hold == empty
     assert (stats.timeout_min, stats.timeout_max, stats.timeout_labels, stats.recent_timeouts) == (None, None, (), ())
 
 
@@ -76,7 +79,7 @@ def test_add_then_parse_round_trips() -> None:
     assert stats.wait.max == 0.5 and stats.hold.max == 0.07
     assert stats.wait.total == pytest.approx(0.503) and stats.hold.total == pytest.approx(0.110)
     assert sum(stats.wait.counts) == sum(stats.hold.counts) == 3
-    assert stats.longest_hold == _stats.LongestHold(seconds=0.07, pid=13, host="h3", label="c", at=T0 + 3)
+    assert stats.longest_hold == _stats_report.LongestHold(seconds=0.07, pid=13, host="h3", label="c", at=T0 + 3)
 
 
 def test_bucket_bounds() -> None:
@@ -86,8 +89,8 @@ def test_bucket_bounds() -> None:
         area = area_of([(seconds, None)])
         counts = stats_of(area).hold.counts
         assert counts.index(1) == bucket, seconds
-        lower = 0.0 if bucket == 0 else _stats.FIRST_BOUND * 2 ** (bucket - 1)
-        assert lower <= seconds < _stats.bucket_bound(bucket)
+        lower = 0.0 if bucket == 0 else _stats_report.FIRST_BOUND * 2 ** (bucket - 1)
+        assert lower <= seconds < _stats_report.bucket_bound(bucket)
 
 
 def test_percentiles_of_known_holds() -> None:
@@ -340,8 +343,8 @@ def test_as_dict_uses_the_dataclass_field_names() -> None:
     stats = stats_of(_pipeline_area())
     data = json.loads(json.dumps(stats.as_dict(), allow_nan=False))
     assert list(data) == [f.name for f in dataclasses.fields(LockStats)]
-    assert list(data["wait"]) == [f.name for f in dataclasses.fields(_stats.Distribution)]
-    assert list(data["longest_hold"]) == [f.name for f in dataclasses.fields(_stats.LongestHold)]
+    assert list(data["wait"]) == [f.name for f in dataclasses.fields(_stats_report.Distribution)]
+    assert list(data["longest_hold"]) == [f.name for f in dataclasses.fields(_stats_report.LongestHold)]
     assert list(data["timeout_labels"][0]) == [f.name for f in dataclasses.fields(LabelCount)]
     assert list(data["recent_timeouts"][0]) == list(TimedOut._fields)
     assert data["suggested_timeout"] == 10.0 and data["hold"]["max"] == 4.12
