@@ -27,6 +27,24 @@ SCRIPT = os.path.join(HERE, "_children.py")
 DEADLINE = 60.0
 
 
+# ----------------------------------------------------------------------------------- script children
+#: Holds a counter store's lock with label "holder": says ``ready`` holding it, lets go at a line on stdin.
+HOLDER_SCRIPT = """
+import sys, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+with store.transaction(label="holder") as s:
+    s.value["n"] += 1
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def spawn_script(script: str, *args: str) -> subprocess.Popen[str]:
+    """``python -c script args...`` with text pipes on stdin, stdout and stderr."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 # ----------------------------------------------------------------------------------- multiprocessing targets
 def increment(path: str, n: int, durable: bool = False) -> None:
     """Run ``n`` transactions that each add one to the counter in ``path``."""

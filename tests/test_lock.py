@@ -234,3 +234,29 @@ def test_withdrawn_waits_never_hand_out_a_lock_nobody_holds(tmp_path: Path) -> N
         assert p.exitcode == 0
     assert acknowledged > 100
     assert lockstore.read(path)["n"] == acknowledged
+
+
+def test_a_lock_that_timed_out_holds_nothing_even_before_its_cleanup(tmp_path: Path) -> None:
+    """SidecarLock.acquire gives back what it queued for when it times out (the caller's release() comes after,
+    and a holder letting go in between must not hand the lock to the request that gave up)."""
+    lock = _lock.build(tmp_path / "x.lock", str(tmp_path / "x.json"))
+    assert isinstance(lock, _lock.SidecarLock)
+    first = lock.held("first", None)
+    lock.acquire(first, timeout=-1, poll_interval=0.05, blocking=True, label=None)
+    errors: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            lock.acquire(lock.held("late", None), timeout=0.05, poll_interval=0.05, blocking=True, label=None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    thread.join(DEADLINE)
+    assert [type(e) for e in errors] == [lockstore.LockTimeout]
+    lock.release(first)
+    third = lock.held("third", None)  # not the late request's: the lock is free for the next one at once
+    lock.acquire(third, timeout=0, poll_interval=0.05, blocking=False, label=None)
+    lock.release(third)
+    lock.close()

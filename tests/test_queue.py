@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _children import DEADLINE, read_line
+from _children import DEADLINE, HOLDER_SCRIPT, read_line, spawn_script
 
 import lockstore
 from lockstore import _proclocks, _queue
@@ -26,14 +26,6 @@ from lockstore import _proclocks, _queue
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks (Linux)")]
 
-_HOLDER = """
-import sys, lockstore
-store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
-with store.transaction(label="holder") as s:
-    s.value["n"] += 1
-    print("ready", flush=True)
-    sys.stdin.readline()
-"""
 
 _WAITER = """
 import sys, lockstore
@@ -61,9 +53,6 @@ with open(sys.argv[1], "a") as f:
 """
 
 
-def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until(check: Callable[[], bool], what: str) -> None:
@@ -106,13 +95,13 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 def _queue_up(data_file: str, procs: list[subprocess.Popen[str]], labels: list[str]) -> list[int]:
     """A holder, then one lockstore waiter per label, each started once the previous one is blocked in the
     kernel (so that the start order is the wait order). Returns the waiters' pids."""
-    holder = _spawn(_HOLDER, data_file)
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
     procs.append(holder)
     assert read_line(holder.stdout, DEADLINE) == "ready"
     lock_file = data_file + ".lock"
     pids = []
     for label in labels:
-        waiter = _spawn(_WAITER, data_file, label, "120")
+        waiter = spawn_script(_WAITER, data_file, label, "120")
         procs.append(waiter)
         pid = waiter.pid
         _wait_until(functools.partial(_is_blocked, lock_file, pid), f"waiter {label} to block")
@@ -172,11 +161,11 @@ def test_control_a_killed_waiter_leaves_its_announcement_but_is_not_listed(
 
 def test_a_waiter_that_is_not_lockstore_is_listed_from_the_kernel(data_file: str,
                                                                  procs: list[subprocess.Popen[str]]) -> None:
-    holder = _spawn(_HOLDER, data_file)
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
     procs.append(holder)
     assert read_line(holder.stdout, DEADLINE) == "ready"
     lock_file = data_file + ".lock"
-    foreign = _spawn(_FOREIGN, lock_file)
+    foreign = spawn_script(_FOREIGN, lock_file)
     procs.append(foreign)
     _wait_until(lambda: foreign.pid in _blocked(lock_file), "the foreign waiter to block")
     [waiter] = lockstore.open(data_file, default={"n": 0}).waiters()
@@ -190,10 +179,10 @@ def test_a_timed_out_waiter_that_exits_at_once_is_counted_by_the_next_holder(
         data_file: str, procs: list[subprocess.Popen[str]]) -> None:
     """The cron case: the waiter times out and exits, never holding the lock; its timeout still reaches the
     statistics, collected by whichever process takes the lock next."""
-    holder = _spawn(_HOLDER, data_file)
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
     procs.append(holder)
     assert read_line(holder.stdout, DEADLINE) == "ready"
-    impatient = _spawn(_IMPATIENT_THEN_EXIT, data_file)
+    impatient = spawn_script(_IMPATIENT_THEN_EXIT, data_file)
     procs.append(impatient)
     impatient.communicate(timeout=DEADLINE)
     assert impatient.returncode == 3

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _children import DEADLINE, read_line
+from _children import DEADLINE, HOLDER_SCRIPT, read_line, spawn_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -419,14 +419,6 @@ for i in range(n):
             time.sleep(0.05)
 """
 
-_HOLDER = """
-import sys, lockstore
-store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
-with store.transaction(label="holder") as s:
-    s.value["n"] += 1
-    print("ready", flush=True)
-    sys.stdin.readline()
-"""
 
 _IMPATIENT = """
 import sys, lockstore
@@ -444,9 +436,6 @@ print("done", flush=True)
 """
 
 
-def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen[str], line: str = "") -> str:
@@ -466,7 +455,7 @@ def _stats_now(path: str) -> LockStats | None:
 
 def test_e2e_hold_percentiles_and_longest_hold_from_real_processes(data_file: str) -> None:
     """2 processes x 100 transactions, every 20th holding 50 ms with label "slow"; read after they have exited."""
-    workers = [_spawn(_WORKER, data_file, "100", "20", "slow") for _ in range(2)]
+    workers = [spawn_script(_WORKER, data_file, "100", "20", "slow") for _ in range(2)]
     pids = {w.pid for w in workers}
     for w in workers:
         _finish(w)
@@ -483,9 +472,9 @@ def test_e2e_hold_percentiles_and_longest_hold_from_real_processes(data_file: st
 
 
 def test_e2e_a_timeout_is_counted_at_the_next_acquisition(data_file: str) -> None:
-    holder = _spawn(_HOLDER, data_file)
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
     assert read_line(holder.stdout, DEADLINE) == "ready"
-    impatient = _spawn(_IMPATIENT, data_file)
+    impatient = spawn_script(_IMPATIENT, data_file)
     try:
         assert read_line(impatient.stdout, DEADLINE) == "timedout"
     finally:
@@ -508,7 +497,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_e2e_cli_json_and_reset(data_file: str) -> None:
-    _finish(_spawn(_WORKER, data_file, "30", "0", "-"))
+    _finish(spawn_script(_WORKER, data_file, "30", "0", "-"))
     people = _cli(data_file)
     assert people.returncode == 0, people.stderr
     assert "30 acquisitions, 0 timeouts" in people.stdout and "suggested timeout: 1 s" in people.stdout
@@ -533,7 +522,7 @@ def test_e2e_cli_without_statistics(tmp_path: Path) -> None:
 
 
 def test_e2e_concurrent_writers_keep_exact_counts(data_file: str) -> None:
-    workers = [_spawn(_WORKER, data_file, "150", "0", "-") for _ in range(4)]
+    workers = [spawn_script(_WORKER, data_file, "150", "0", "-") for _ in range(4)]
     for w in workers:
         _finish(w)
     stats = _stats_now(data_file)
@@ -561,8 +550,8 @@ def test_e2e_older_or_foreign_lock_file_still_works_then_gets_an_area(data_file:
 
 
 def test_e2e_cli_reset_takes_the_lock(data_file: str) -> None:
-    _finish(_spawn(_WORKER, data_file, "3", "0", "-"))
-    holder = _spawn(_HOLDER, data_file)
+    _finish(spawn_script(_WORKER, data_file, "3", "0", "-"))
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
     try:
         assert read_line(holder.stdout, DEADLINE) == "ready"
         busy = _cli(data_file, "--reset", "-w", "0.1")
