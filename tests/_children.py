@@ -290,12 +290,25 @@ def _cmd_commit(path: str, value: str, durable: str = "1") -> None:
     """Commit ``value`` (JSON) once; print ``{"ok": true}`` or the error as JSON."""
     store = lockstore.open(path, default=None, durable=durable == "1")
     store.value = json.loads(value)
+    before = set(os.listdir("/proc/self/fd"))
     try:
         store.commit()
     except Exception as exc:
-        print(json.dumps(_error(exc)))
+        # Also the descriptors of files in the store's directory opened by the failed commit and still open (the
+        # lock file's, kept for the next transaction, aside): a failed write must close its own at once.
+        directory = os.path.dirname(os.path.abspath(path))
+        left = [t for t in (_fd_target(fd) for fd in set(os.listdir("/proc/self/fd")) - before)
+                if t.startswith(directory + "/") and not t.endswith(".lock")]
+        print(json.dumps({**_error(exc), "open": left}))
         return
     print(json.dumps({"ok": True}))
+
+
+def _fd_target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def _cmd_commit_as_nobody(directory: str, name: str, value: str) -> None:

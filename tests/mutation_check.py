@@ -83,10 +83,11 @@ MUTATIONS = [
       (EDGES,)),
     M("no release when entering fails", "_txn.py",
       "                    self._set_aside_done(storage.set_aside(self.held), corrupt)\n        except BaseException:\n"
+      "            self.entered = False\n"
       "            try:\n                self._end()\n            except BaseException:\n"
       "                self._end()  # an interrupt cut the first call short\n                raise\n            raise\n",
       "                    self._set_aside_done(storage.set_aside(self.held), corrupt)\n        except BaseException:\n"
-      "            raise\n", ("tests/test_store.py", "tests/reliability/test_bad_input.py", SIGNALS)),
+      "            self.entered = False\n            raise\n", ("tests/test_store.py", "tests/reliability/test_bad_input.py", SIGNALS)),
     M("no rollback when the block raises", "_txn.py",
       "            if exc_type is not None:\n                self._rollback()\n                return\n",
       "            if exc_type is not None:\n                return\n", ("tests/test_store.py",)),
@@ -107,7 +108,7 @@ MUTATIONS = [
       "            with contextlib.suppress(FileNotFoundError):\n                os.unlink(self.temp)\n",
       "        pass\n", ("tests/test_atomic.py", "tests/reliability/test_faults.py")),
     M("the new file's descriptor not closed on a failed write", "_atomic.py",
-      "        finally:\n            close_all(into)\n", "        finally:\n            pass\n", (SIGNALS,)),
+      "        finally:\n            close_all(into)\n", "        finally:\n            pass\n", (SIGNALS, "tests/test_atomic.py")),
     M("the previous pin never closed", "_file.py",
       "                    close_all(self._retired)\n            finally:\n",
       "                    pass\n            finally:\n", (EDGES, SIGNALS)),
@@ -128,8 +129,8 @@ MUTATIONS = [
       "        if stat.S_ISLNK(st.st_mode):\n            raise OSError(errno.ELOOP,",
       "        if False:\n            raise OSError(errno.ELOOP,", (EDGES,)),
     M("savepoints through the format", "_txn.py",
-      "        self.savepoint = Savepoint(self.core.store.value)\n",
-      "        self.savepoint = Savepoint(self.core.format.decode(self.core.format.encode(self.core.store.value)))\n",
+      "        self.savepoint = Savepoint(store.value)\n",
+      "        self.savepoint = Savepoint(self.core.format.decode(self.core.format.encode(store.value)))\n",
       (EDGES, "tests/test_store.py")),
 ]
 

@@ -338,6 +338,7 @@ def test_fsync_error_before_rename_aborts(tmp_path: Path) -> None:
     assert calls == 1  # never retried
     assert snapshot(tmp_path / "d.json") == before
     assert temps(tmp_path) == []
+    assert out["open"] == []  # the temp file's descriptor closed with the failure, not at the store's next use
 
 
 @needs_strace

@@ -237,26 +237,32 @@ def test_withdrawn_waits_never_hand_out_a_lock_nobody_holds(tmp_path: Path) -> N
 
 
 def test_a_lock_that_timed_out_holds_nothing_even_before_its_cleanup(tmp_path: Path) -> None:
-    """SidecarLock.acquire gives back what it queued for when it times out (the caller's release() comes after,
-    and a holder letting go in between must not hand the lock to the request that gave up)."""
-    lock = _lock.build(tmp_path / "x.lock", str(tmp_path / "x.json"))
+    """SidecarLock.acquire gives back what it took when it times out (the caller's release() comes after): a wait
+    for this process's turn that times out, and a wait for another process's flock that times out after this
+    process's turn was taken, both leave the lock free for the next request at once."""
+    data = str(tmp_path / "x.json")
+    lock = _lock.build(data + ".lock", data)
     assert isinstance(lock, _lock.SidecarLock)
+
+    def acquire(owner: str, timeout: float) -> BaseException | None:
+        try:
+            lock.acquire(lock.held(owner, None), timeout=timeout, poll_interval=0.05, blocking=timeout != 0,
+                         label=None)
+        except BaseException as exc:
+            return exc
+        return None
+
     first = lock.held("first", None)
     lock.acquire(first, timeout=-1, poll_interval=0.05, blocking=True, label=None)
-    errors: list[BaseException] = []
-
-    def late() -> None:
-        try:
-            lock.acquire(lock.held("late", None), timeout=0.05, poll_interval=0.05, blocking=True, label=None)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=late)
+    errors: list[BaseException | None] = []
+    thread = threading.Thread(target=lambda: errors.append(acquire("late", 0.05)))  # this process's turn
     thread.start()
     thread.join(DEADLINE)
     assert [type(e) for e in errors] == [lockstore.LockTimeout]
     lock.release(first)
-    third = lock.held("third", None)  # not the late request's: the lock is free for the next one at once
+    with holding(data):  # another process holds the flock: the turn is taken, the flock wait times out
+        assert isinstance(acquire("waiting", 0.05), lockstore.LockTimeout)
+    third = lock.held("third", None)  # the lock is free for the next one at once
     lock.acquire(third, timeout=0, poll_interval=0.05, blocking=False, label=None)
     lock.release(third)
     lock.close()
