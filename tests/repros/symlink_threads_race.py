@@ -31,10 +31,21 @@ t2_done = threading.Event()
 
 def tn(name):
     if name == "T3":
-        # schedule: T3 takes the Store's own guard only after T2 finished (the order the OS may well choose)
+        # schedule: T3 takes the Store's own guard only after T2 finished (the order the OS may well choose).
+        # (Amended after the fix: a T3 that noticed the switch goes for B's lock, and waits for T2 to be done before
+        # asking for it; had it got B's lock first and then waited for T2 in _guarded, the two would wait for each
+        # other, which is this script's schedule, not lockstore's.)
+        took_b = []
+
         def tr(frame, event, arg):
-            if event == "call" and frame.f_code.co_name == "_guarded":
-                t2_done.wait(30)
+            if event == "call":
+                name_ = frame.f_code.co_name
+                me = frame.f_locals.get("self")
+                if name_ == "acquire" and str(getattr(me, "lock_file", "")).endswith("B.json.lock"):
+                    t2_done.wait(30)
+                    took_b.append(True)
+                elif name_ == "_guarded" and not took_b:
+                    t2_done.wait(30)
             return None
         sys.settrace(tr)
     with store.transaction() as s:
