@@ -69,9 +69,10 @@ class Storage(Protocol):
         """Holding the lock: move an undecodable stored value out of the way (``on_corrupt="backup"``); return
         where it went, or None when this storage cannot."""
 
-    def release(self, held: object, *, abandoned: bool = False) -> None:
+    def release(self, held: object, *, abandoned: object = None) -> None:
         """Undo whatever :meth:`acquire` did; calling it again does nothing. ``abandoned``: ``held``'s transaction
-        was dropped without its end, and another thread of this process cleans up after it."""
+        was dropped without its end, and the caller (maybe another thread of this process) cleans up after it; it
+        is an object that lives as long as the caller's attempt (what tickets taken over for it refer to)."""
 
     def holder(self) -> Holder | None:
         """Who holds the lock now, read without taking it."""

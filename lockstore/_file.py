@@ -295,12 +295,12 @@ class FileStorage:
         held.target, held.like = target, st
         return True
 
-    def release(self, held: object, *, abandoned: bool = False) -> None:
+    def release(self, held: object, *, abandoned: object = None) -> None:
         assert isinstance(held, FileHeld)
         try:
             if held.lock is not None and held.lock_held is not None:
-                if abandoned and isinstance(held.lock, SidecarLock):
-                    held.lock.release(held.lock_held, abandoned=True)
+                if abandoned is not None and isinstance(held.lock, SidecarLock):
+                    held.lock.release(held.lock_held, abandoned=abandoned)
                 else:
                     held.lock.release(held.lock_held)
         finally:

@@ -273,7 +273,7 @@ class PgStorage(AsyncHalf):
         assert isinstance(held, PgHeld)
         return self._io.drive(held.conn, self._set_aside_steps(held))
 
-    def release(self, held: object, *, abandoned: bool = False) -> None:
+    def release(self, held: object, *, abandoned: object = None) -> None:
         assert isinstance(held, PgHeld)
         if held.pid != os.getpid():
             return  # a forked child: the session and the lock are its parent's

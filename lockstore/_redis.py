@@ -310,7 +310,7 @@ class RedisStorage(AsyncHalf):
                     break
         self._renewer.add(held, lease.first_renewal(reply))
 
-    def release(self, held: object, *, abandoned: bool = False) -> None:
+    def release(self, held: object, *, abandoned: object = None) -> None:
         assert isinstance(held, RedisHeld)
         if held.inherited():
             return  # the parent's lock: never ours to renew or release

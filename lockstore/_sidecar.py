@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 from . import _holder, _proclocks, _queue, _slots, _stats, _waiter
 from ._error import LockReentryError, LockTimeout
 from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
-from ._owners import Ticket, conflicts, defer_when_collected
+from ._owners import Ticket, conflicts, current_owner, defer_when_collected
 from ._slots import CAN_BLOCK, LOCK_EX, LOCK_NB, LOCK_UN, Slot, flock
 from ._stats_report import LockStats, TimedOut
 from ._waiter import Waiter
@@ -61,7 +61,7 @@ class _TimedOut(Exception):
 class Held:
     """One acquisition's state, made before acquiring so that :meth:`SidecarLock.release` can always undo it."""
 
-    __slots__ = ("announced", "counted", "inside", "label", "resets", "slot", "start", "ticket")
+    __slots__ = ("announced", "counted", "heirs", "inside", "label", "resets", "slot", "start", "ticket")
 
     def __init__(self, owner: object, holder: object) -> None:
         self.ticket = Ticket(owner, holder)
@@ -72,6 +72,7 @@ class Held:
         self.announced: list[_queue.Announcement | None] = []  # this wait's announcement in the lock file
         self.resets = False  # an acquisition that starts the statistics afresh (and is not counted in them)
         self.counted = False  # its timeout is marked in the lock file for the next holder to count
+        self.heirs: list[Ticket] = []  # the tickets that took it over to release it (see release)
 
 
 class SidecarLock:
@@ -377,22 +378,28 @@ class SidecarLock:
         return stale
 
     # ------------------------------------------------------------------------------------------- release
-    def release(self, held: object, *, abandoned: bool = False) -> None:
+    def release(self, held: object, *, abandoned: object = None) -> None:
         """Undo whatever :meth:`acquire` did for ``held``, wherever it stopped; calling it again does nothing.
 
-        ``abandoned``: ``held`` belongs to a transaction dropped without its end (another thread cleans up). A
-        thread waiting for the slot may take it over at the same moment (inheriting the flock), so the cleanup
-        first takes the slot over itself, in one step: only the winner touches the flock."""
+        ``abandoned``: ``held`` belongs to a transaction dropped without its end; the caller cleans up (see
+        Storage.release). A thread waiting for the slot may take it over at the same moment (inheriting the
+        flock), so the cleanup first takes the slot over itself, in one step: only the winner touches the flock.
+        Its ticket is recorded in ``held.heirs`` before it can hold anything, so that an attempt cut short by an
+        interrupt, wherever it stopped, is found and finished by the next one."""
         assert isinstance(held, Held)
         slot = held.slot
         if slot is None:
             return
-        if abandoned:
-            mine = Ticket(held.ticket.owner)
-            if not slot.take_over(held.ticket, mine):
+        if abandoned is not None:
+            held.heirs.append(Ticket(current_owner(), abandoned))
+            heir = held.heirs[-1]
+            for earlier in (held.ticket, *held.heirs):
+                if slot.take_over(earlier, heir):
+                    break
+            else:
                 slot.give(held.ticket)  # not the holder (any more): at most withdraw a queued request
                 return
-            held.ticket = mine
+            held.ticket = heir
         if held.inside:
             if slot.inside.get(held.ticket.owner) is held.ticket:
                 del slot.inside[held.ticket.owner]

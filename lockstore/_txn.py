@@ -58,25 +58,55 @@ def _NONE() -> None:
 _ABANDONED: queue.SimpleQueue[tuple[Core[Any], object]] = queue.SimpleQueue()
 
 
+#: Dropped transactions whose release has begun: moved here from _ABANDONED by C code and removed only once
+#: released, so that an interrupt in the middle (a burst of signals) leaves the rest to the next call instead of
+#: losing it, with the lock held by nobody.
+_RELEASING: list[tuple[Core[Any], object]] = []
+#: Held by the one thread releasing them (an OwnerLock: a releaser cut short by an interrupt cannot keep it).
+_RELEASER = OwnerLock()
+
+
 def _forget_abandoned() -> None:
     global _ABANDONED
     _ABANDONED = queue.SimpleQueue()  # a child does not release what its parent holds
+    _RELEASING.clear()
 
 
 at_fork(_forget_abandoned)
 
 
+class _Claim:
+    """Lives as long as one release_abandoned() call: what its tickets refer to, so that they count as abandoned
+    once the call is gone (see ``_owners.Ticket``)."""
+
+    __slots__ = ("__weakref__",)
+
+
 def release_abandoned() -> None:
-    """Give back what dropped transactions held (nothing is written; the value is left to the next refresh)."""
-    while not _ABANDONED.empty():
-        try:
-            core, held = _ABANDONED.get_nowait()
-        except queue.Empty:
-            return
-        ticket = core.guard.ticket
-        if ticket is not None and ticket.abandoned():
-            core.guard.give(ticket)
-        core.storage.release(held, abandoned=True)
+    """Give back what dropped transactions held (nothing is written; the value is left to the next refresh).
+
+    Every step may be cut short by an interrupt: what is not yet released stays in ``_RELEASING`` for the next
+    call, each release is idempotent, and the tickets this call takes things over with refer to its claim."""
+    if not _RELEASING and _ABANDONED.empty():
+        return
+    try:
+        _RELEASING.extend(iter(_ABANDONED.get_nowait, None))  # moved by C code, none lost in between
+    except queue.Empty:
+        pass
+    claim = _Claim()
+    ticket = Ticket(current_owner(), claim)
+    try:
+        if not _RELEASER.try_take(ticket):
+            return  # another thread is releasing them
+        while _RELEASING:
+            core, held = _RELEASING[0]  # only the releaser removes items; others append at the end
+            guard = core.guard.ticket
+            if guard is not None and guard.abandoned():
+                core.guard.give(guard)
+            core.storage.release(held, abandoned=claim)
+            del _RELEASING[0]
+    finally:
+        _RELEASER.give(ticket)
 
 
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
@@ -356,7 +386,7 @@ class Transaction(Generic[T]):
 
     def _begin(self) -> None:
         """Before taking anything: release what dropped transactions left, and forget their watches."""
-        if not _ABANDONED.empty():
+        if _RELEASING or not _ABANDONED.empty():
             release_abandoned()
         run_deferred()
         watches = self.core.watches

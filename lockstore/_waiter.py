@@ -10,17 +10,18 @@ caller's descriptor therefore really exclude each other, and a grant that arrive
 dropped by unlocking the thread's own descriptor, which nobody else uses.
 
 Signals reach only the caller (a KeyboardInterrupt is raised in the main thread), so the caller's side uses nothing
-but C calls between its decisions: each wait is a :class:`_Request` whose ``done`` lock the thread releases, and
-every change of a request's state happens under a plain lock, in ``with`` statements, so that the caller and the
-thread agree on whether a grant was taken or dropped whatever interrupts the caller. (``threading.Condition.wait``
-is Python code: an interrupt right after it released its lock leaves that lock released, and the caller's state
-changes then race with the thread.) The thread's own waiting for requests may use a condition: no signal handler
-runs in it.
+but C calls between its decisions: each wait is a :class:`_Request`, handed to the thread through a
+``queue.SimpleQueue`` (one C call), whose ``done`` lock the thread releases, and every change of a request's state
+happens under a plain lock, in ``with`` statements, so that the caller and the thread agree on whether a grant was
+taken or dropped whatever interrupts the caller. ``threading.Condition`` is Python code on both sides: an interrupt
+inside ``notify()`` right after it woke the thread leaves a stale entry behind, and the next ``notify()`` then wakes
+nobody (the next wait times out with the lock free), which real SIGINT bursts did.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from typing import Final
 
@@ -76,11 +77,8 @@ class Waiter:
     def __init__(self, lock_file: str, fds: list[int]) -> None:
         self._fds = fds
         self._guard = threading.Lock()  # the requests' state; only ever used in ``with`` statements
-        # The thread waits on the condition for a request; callers use its lock in ``with`` statements (C calls),
-        # never the condition's own __enter__/__exit__ (Python code).
-        self._wake_lock = threading.RLock()
-        self._wake = threading.Condition(self._wake_lock)
-        self._pending: _Request | None = None
+        # Requests for the thread (None: stop). A withdrawn request may still be in it; the thread skips it.
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._closing = False
         self._busy = False  # the thread is in the kernel for a request (under _guard)
         self._parked = False  # in PARKED (under _PARK_LOCK)
@@ -100,16 +98,13 @@ class Waiter:
     def _run(self) -> None:
         try:
             while True:
-                with self._wake_lock:
-                    while self._pending is None and not self._closing:
-                        self._wake.wait()
+                request = self._requests.get()
+                with self._guard:
                     if self._closing:
                         return
-                    request = self._pending
-                    self._pending = None
-                    with self._guard:
-                        self._busy = True
-                assert request is not None
+                    if request is None or request.cancelled:
+                        continue  # withdrawn before the thread came to it
+                    self._busy = True
                 try:
                     fcntl.flock(self.fd, fcntl.LOCK_EX)
                 except OSError as exc:
@@ -144,9 +139,7 @@ class Waiter:
             raise self._error
         request = _Request()
         try:
-            with self._wake_lock:
-                self._pending = request
-                self._wake.notify()
+            self._requests.put(request)
             request.done.acquire(True, -1 if timeout < 0 else timeout)
             with self._guard:
                 if request.granted:
@@ -159,9 +152,6 @@ class Waiter:
                 self._cancel(request)  # an interrupt cut the first call short
                 raise
             raise
-        with self._wake_lock:
-            if self._pending is request:
-                self._pending = None
         if self._error is not None:
             raise self._error
         return False
@@ -173,9 +163,6 @@ class Waiter:
             granted, request.granted = request.granted, False
             if granted:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
-        with self._wake_lock:
-            if self._pending is request:
-                self._pending = None
 
     def _unpark(self) -> bool:
         """Under ``_guard``: leave PARKED; True when this thread was parked (nobody adopted it: it ends)."""
@@ -205,8 +192,7 @@ class Waiter:
                         self._parked = True
                         return
             self._closing = True
-        with self._wake_lock:
-            self._wake.notify()
+        self._requests.put(None)
 
     @property
     def fds(self) -> list[int]:

@@ -4,7 +4,9 @@ CPython runs signal handlers (and so raises a handler's KeyboardInterrupt) only 
 the start of a Python function, right after a call returns, and at a loop's backward jump. :func:`inject` traces
 the frames of the ``lockstore`` package (``sys.settrace`` with opcode events) and raises at the k-th such point,
 counting from 1, so that a test can walk k over every point of an operation, one run each, until the operation
-completes without the exception firing.
+completes without the exception firing. ``deep`` also counts the points of the Python code lockstore calls (the
+standard library's: a real signal lands there just as well); ``within`` counts only the points inside one function
+(by qualified name), for a walk that must cover that function whatever timing does to the points before it.
 
 A trace function can only raise before an instruction, so "right after a call" is modelled as "before the next
 instruction". CPython attributes the real exception to the call instruction itself, so the two agree only when
@@ -62,8 +64,11 @@ def _handler(code: Any, offset: int) -> int:
 class Injector:
     """Counts the interrupt points in ``lockstore`` frames and raises ``make()`` at point ``k``."""
 
-    def __init__(self, k: int, make: Callable[[], BaseException] = KeyboardInterrupt) -> None:
+    def __init__(self, k: int, make: Callable[[], BaseException] = KeyboardInterrupt, *, deep: bool = False,
+                 within: str | None = None) -> None:
         self.k = k
+        self.deep = deep
+        self.within = within
         self.make = make
         self.count = 0
         self.fired = False
@@ -71,6 +76,8 @@ class Injector:
         self._last: dict[int, tuple[str, int]] = {}
 
     def _point(self, frame: FrameType, what: str) -> None:
+        if self.within is not None and not self._inside(frame):
+            return
         self.count += 1
         if self.count == self.k and not self.fired:
             self.fired = True
@@ -95,12 +102,36 @@ class Injector:
         return self._local
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event != "call" or not frame.f_code.co_filename.startswith(PACKAGE) or _in_finalizer(frame):
+        if event != "call" or not self._traced(frame) or _in_finalizer(frame):
             return None
         frame.f_trace_opcodes = True
         self._last.pop(id(frame), None)
         self._point(frame, "at the start")
         return self._local
+
+    def _inside(self, frame: FrameType | None) -> bool:
+        """Whether ``frame`` runs inside a call of the function named ``within`` (its qualified name)."""
+        while frame is not None:
+            if frame.f_code.co_qualname == self.within:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _traced(self, frame: FrameType) -> bool:
+        """lockstore's frames; with ``deep``, also the Python code lockstore calls (the standard library's, its
+        dependencies'), where a real signal lands just as well, except the import system (an interrupted import
+        is the program's to retry, not lockstore's)."""
+        name = frame.f_code.co_filename
+        if name.startswith(PACKAGE):
+            return True
+        if not self.deep or name.startswith("<frozen"):
+            return False
+        caller = frame.f_back
+        while caller is not None:
+            if caller.f_code.co_filename.startswith(PACKAGE):
+                return True
+            caller = caller.f_back
+        return False
 
     def __enter__(self) -> Injector:
         sys.settrace(self._global)
@@ -110,15 +141,15 @@ class Injector:
         sys.settrace(None)
 
 
-def inject(k: int, operation: Callable[[], object], make: Callable[[], BaseException] = KeyboardInterrupt,
-           ) -> tuple[bool, str | None, str]:
+def inject(k: int, operation: Callable[[], object], make: Callable[[], BaseException] = KeyboardInterrupt, *,
+           deep: bool = False, within: str | None = None) -> tuple[bool, str | None, str]:
     """Run ``operation`` with the k-th interrupt point raising; return (fired, the type name of what the operation
     raised or None, where it fired).
 
     The exception itself is dropped before returning, as a caller's ``except KeyboardInterrupt:`` would drop it:
     its traceback keeps the interrupted frames alive until then.
     """
-    injector = Injector(k, make)
+    injector = Injector(k, make, deep=deep, within=within)
     raised: str | None = None
     try:
         with injector:

@@ -82,7 +82,8 @@ POINTS: dict[str, int] = {}
 
 
 def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object], *,
-         make: Callable[[], BaseException] = KeyboardInterrupt, limit: int = 3000) -> tuple[int, list[str]]:
+         make: Callable[[], BaseException] = KeyboardInterrupt, limit: int = 3000, deep: bool = False,
+         ) -> tuple[int, list[str]]:
     """Inject at k = 1, 2, ... until the operation completes; return (points, violations)."""
     operation()  # warm up: the store's descriptors (and waiter thread) are open, as in a long-running program
     gc.collect()
@@ -92,7 +93,7 @@ def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object
     problems: list[str] = []
     for k in range(1, limit):
         before = lockstore.read(path)["n"]
-        fired, raised, where = inject(k, operation, make)
+        fired, raised, where = inject(k, operation, make, deep=deep)
         if not fired:
             assert raised is None, raised
             POINTS[os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]] = k - 1
@@ -103,8 +104,10 @@ def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object
     return -1, problems
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["lockstore", "deep"])
 @pytest.mark.parametrize("durable", [False, True])
-def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool) -> None:
+def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool, deep: bool) -> None:
+    # deep: also at every point of the Python code lockstore calls (atomicwrites, tempfile, json, logging...).
     path = tmp_path / "d.json"
     store = lockstore.open(path, default={"n": 0}, durable=durable)
 
@@ -112,7 +115,7 @@ def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool) -> N
         with store.transaction() as s:
             s.value["n"] += 1
 
-    points, problems = walk(path, store, transaction)
+    points, problems = walk(path, store, transaction, deep=deep)
     assert problems == []
     assert points > 50  # the walk really went through acquire, write and release
 
@@ -150,6 +153,42 @@ def test_interrupt_anywhere_in_a_nested_transaction_and_reload(tmp_path: Path) -
     points, problems = walk(path, store, nested)
     assert problems == []
     assert points > 50
+
+
+def test_interrupt_anywhere_while_releasing_a_dropped_transaction(tmp_path: Path) -> None:
+    # A transaction dropped without its __exit__ (an interrupt at its very start) is released by the next lockstore
+    # call; an interrupt in that release (a burst of signals) must leave the rest to the call after it, whatever
+    # that call is, not keep the lock held by nobody until this process happens to take the same lock again.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    elsewhere = lockstore.open(tmp_path / "other.json", default=0)
+
+    def transaction() -> None:
+        with store.transaction() as s:
+            s.value["n"] += 1
+
+    def drop_one() -> None:
+        txn = store.transaction()
+        txn.__enter__()
+        del txn  # collected at once: its watch queues its release
+
+    transaction()
+    gc.collect()
+    baseline_fds = fds()
+    problems: list[str] = []
+    for k in range(1, 2000):
+        drop_one()
+        before = lockstore.read(path)["n"]
+        fired, raised, where = inject(k, transaction)
+        if not fired:
+            break
+        gc.collect()
+        elsewhere.reload()  # a lockstore call on another file: it finishes what the interrupted release left
+        problems += check_after(store, path, before, baseline_fds, f"k={k} {where} -> {raised}")
+        if len(problems) > 20:
+            break
+    assert problems == []
+    assert k > 50  # the walk went through the dropped transaction's release and a whole transaction
 
 
 def test_interrupt_in_the_cleanup_of_a_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,6 +241,47 @@ def test_interrupt_anywhere_in_a_contended_wait(tmp_path: Path) -> None:
         points, problems = walk(path, store, contended)
     assert problems == []
     assert points > 50
+
+
+def test_interrupt_in_the_standard_library_while_handing_a_wait_to_the_waiter_thread(tmp_path: Path) -> None:
+    # A real signal lands in whatever Python code runs, the standard library's included. An interrupt anywhere in
+    # Waiter.wait, down into threading's code, must leave the waiter thread able to serve the next wait: a thread
+    # left unwoken lets that wait time out with nobody holding the lock.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False, timeout=5)
+    store.commit()
+    problems: list[str] = []
+    with Child("flock_cycles", str(path) + ".lock") as child:
+        stdin, stdout = child.proc.stdin, child.proc.stdout
+        assert stdin is not None and stdout is not None
+
+        def say(line: str) -> None:
+            stdin.write(line + "\n")
+            stdin.flush()
+
+        def contended() -> None:
+            say("hold")
+            assert stdout.readline().strip() == "held"
+            try:
+                with store.transaction() as s:
+                    s.value["n"] += 1
+            finally:
+                say("release")
+                assert stdout.readline().strip() == "released"
+
+        contended()  # the waiter thread exists, as in a long-running program
+        for k in range(1, 500):
+            fired, raised, where = inject(k, contended, deep=True, within="Waiter.wait")
+            gc.collect()
+            store.reload()  # releases a transaction dropped by an interrupt at the start of its __exit__
+            try:
+                contended()
+            except lockstore.LockTimeout as exc:
+                problems.append(f"k={k} {where} -> {raised}: the next wait timed out: {exc}")
+            if not fired or len(problems) > 3:
+                break
+    assert problems == []
+    assert k > 5  # the walk went through Waiter.wait and what it calls
 
 
 def test_interrupt_in_a_timed_out_wait(tmp_path: Path) -> None:
