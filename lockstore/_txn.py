@@ -12,8 +12,9 @@ Rules that hold everywhere (and are tested):
   another thread's uncommitted value. A nested transaction of the same owner joins the outer one as a savepoint.
 - Signals: every acquisition is recorded, before it happens, where cleanup finds it (``Ticket`` objects, the
   storage's ``held`` state), and every cleanup is idempotent and retried once if an interrupt cuts it short. A
-  transaction object dropped without its ``__exit__`` (an interrupt right at its start) rolls back and releases
-  from ``__del__``.
+  transaction whose end never completed (an interrupt at the very start of its ``__exit__``, or its retried end
+  cut short again) is released once the object is collected, by the process's next lockstore call
+  (:func:`release_abandoned`, itself safe to cut short).
 - Fork: a transaction inherited by a forked child is not the child's. Leaving its block in the child writes
   nothing, releases nothing (the lock is the parent's) and raises nothing; the child's value goes back to what was
   stored when the transaction began.
