@@ -447,7 +447,10 @@ class SidecarLock:
                 fd, slot.flocked = slot.flocked, None
                 if fd is not None:
                     try:
-                        flock(fd, LOCK_UN)
+                        if slot.waiters and fd == slot.waiters[0].fd:
+                            slot.waiters[0].unlock()  # also drops a grant still to come for a wait given up
+                        else:
+                            flock(fd, LOCK_UN)
                     except OSError:
                         slot.close_files()  # closing our descriptors releases the lock whatever went wrong
             finally:

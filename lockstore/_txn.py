@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -39,7 +40,7 @@ from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, curren
 from ._savepoint import Savepoint
 
 if TYPE_CHECKING:
-    from types import TracebackType
+    from types import FrameType, TracebackType
 
     from ._backend import Storage
     from ._formats import Format
@@ -214,6 +215,13 @@ class Core(Generic[T]):
         if txn is None or txn.done or txn.generation != generation():
             return None
         if txn.owner == owner or txn.owner == threading.get_ident():
+            frame = txn.frame
+            if frame is not None and txn.entered:
+                from ._block import running
+
+                if not running(frame, txn.entry):
+                    txn.end_dropped()
+                    return None
             return txn
         return None
 
@@ -230,8 +238,9 @@ class Core(Generic[T]):
 class Transaction(Generic[T]):
     """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
 
-    __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "entered", "generation",
-                 "guard_ticket", "held", "kind", "label", "outer", "owner", "savepoint", "store", "timeout", "watch")
+    __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "entered", "entry", "frame",
+                 "generation", "guard_ticket", "held", "kind", "label", "outer", "owner", "savepoint", "store",
+                 "timeout", "watch")
 
     def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
         self.core = core
@@ -252,6 +261,10 @@ class Transaction(Generic[T]):
         self.begun = 0.0  # monotonic: when the outermost __enter__ began, and when it held the lock (0.0: not yet)
         self.acquired = 0.0
         self.entered = False  # between __enter__ and __exit__
+        # The frame whose with statement entered the outermost transaction, and its offset there: whether that
+        # block still runs (see _block.py). None for an asyncio transaction or before entering.
+        self.frame: FrameType | None = None
+        self.entry = -1
 
     # ----------------------------------------------------------------------------------------- shared steps
     def _join(self, outer: Transaction[T]) -> Store[T]:
@@ -346,8 +359,19 @@ class Transaction(Generic[T]):
         """Release (idempotent) and disarm. Callers retry a call cut short, even at its very start:
         ``try: self._end() except BaseException: self._end(); raise``."""
         self._release()
+        self.frame = None  # a frame and this object may refer to each other (``t = store.transaction(); with t:``)
         self._disarm()
         self._log()
+
+    def end_dropped(self) -> None:
+        """End a transaction whose ``with`` statement was left without running ``__exit__`` (an interrupt at its
+        very first instruction): nothing is written; what it held is released. Called by its own owner only."""
+        self.entered = False
+        try:
+            self._end()
+        except BaseException:
+            self._end()  # an interrupt cut the first call short
+            raise
 
     def _log(self) -> None:
         """For pipelines: DEBUG per transaction, WARNING when it held the lock longer than ``warn_hold``."""
@@ -410,6 +434,7 @@ class Transaction(Generic[T]):
         self.savepoint = None
         self.done = False
         self.acquired = 0.0
+        self.frame = None
 
     def __enter__(self) -> Store[T]:
         self._once()
@@ -418,6 +443,8 @@ class Transaction(Generic[T]):
         outer = core.mine(owner)
         if outer is not None:
             return self._join(outer)
+        frame = self.frame = sys._getframe(1)
+        self.entry = frame.f_lasti
         self.owner = owner
         self.generation = generation()
         storage = core.storage

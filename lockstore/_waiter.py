@@ -79,6 +79,9 @@ class Waiter:
         self._guard = threading.Lock()  # the requests' state; only ever used in ``with`` statements
         # Requests for the thread (None: stop). A withdrawn request may still be in it; the thread skips it.
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # The latest request: :meth:`unlock` withdraws it, so that a grant still to come is dropped even when the
+        # caller's own withdrawal was cut short by interrupts (the caller then releases through unlock()).
+        self._current: _Request | None = None
         self._closing = False
         self._busy = False  # the thread is in the kernel for a request (under _guard)
         self._parked = False  # in PARKED (under _PARK_LOCK)
@@ -138,6 +141,7 @@ class Waiter:
         if self._error is not None:
             raise self._error
         request = _Request()
+        self._current = request  # recorded before the thread can see it
         try:
             self._requests.put(request)
             request.done.acquire(True, -1 if timeout < 0 else timeout)
@@ -155,6 +159,16 @@ class Waiter:
         if self._error is not None:
             raise self._error
         return False
+
+    def unlock(self) -> None:
+        """The caller lets go of the lock taken through this thread: unlock, and withdraw the latest request, so
+        that a grant that comes later (its wait was given up, and the withdrawal cut short) is dropped too."""
+        with self._guard:
+            request = self._current
+            if request is not None:
+                request.cancelled = True
+                request.granted = False
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _cancel(self, request: _Request) -> None:
         """Withdraw ``request``: a grant it got is dropped, one still to come will be."""

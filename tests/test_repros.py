@@ -4,7 +4,8 @@ a Ctrl-C in a contended wait, a switched directory symlink, ``store.lock`` held 
 waiter starts or a lock instance is registered, a reused transaction object, and leaks; from a second review, a
 Ctrl-C in a contended wait wiping the real holder's record, a stale "oldest wait" (a killed waiter's, or one left by
 racing withdrawals) making every release hand over to nobody, and a waiter thread per timed-out attempt through a
-new Store while a foreign process holds the lock. Each failed on the code the
+new Store while a foreign process holds the lock; from a third review, three interrupts in a row in a timed wait
+leaving the waiter thread's late grant held. Each failed on the code the
 review attacked (see the CHANGELOG); the scripts run unchanged, in a fresh interpreter, against this checkout.
 """
 
@@ -36,6 +37,8 @@ QUICK = [
     "killed_waiter_stall.py",
     "contention_stale_oldest.py",
     "reopen_timeout_thread_leak.py",
+    # The third review (of the signal fixes): a burst of three interrupts in a timed wait.
+    "three_signals_waiter.py",
 ]
 SLOW = ["symlink_switch_stress.py", "kbi_cold_walk.py"]
 

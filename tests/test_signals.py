@@ -9,13 +9,15 @@ stress (SIGINT bursts at random moments) is in the stress tier (``reliability/te
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
 import json
 import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from _children import Child
 from _interrupt import inject
 
 import lockstore
+from lockstore import _txn
 
 
 def fds() -> int:
@@ -189,6 +192,96 @@ def test_interrupt_anywhere_while_releasing_a_dropped_transaction(tmp_path: Path
             break
     assert problems == []
     assert k > 50  # the walk went through the dropped transaction's release and a whole transaction
+
+
+class _InterruptExitStart:
+    """Raise KeyboardInterrupt once, at the very first instruction of Transaction.__exit__ (where CPython may run a
+    signal handler before any of its body: the with statement is left without the transaction's end)."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and not self.fired and frame.f_code is _txn.Transaction.__exit__.__code__:
+            self.fired = True
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _InterruptExitStart:
+        sys.settrace(self._trace)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+
+def test_a_transaction_dropped_at_its_exit_is_never_joined_while_its_interrupt_lives(tmp_path: Path) -> None:
+    # The "save my state on Ctrl-C" pattern: a transaction in the except block of the interrupt that cut the first
+    # one's __exit__ short. The first one's traceback keeps it alive; the save must not join it as a savepoint
+    # (its write would never come) but end it and run as a transaction of its own.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0, "saved": False}, durable=False)
+    lock_file = str(path) + ".lock"
+    try:
+        with _InterruptExitStart() as interrupt, store.transaction() as s:
+            s.value["n"] += 1
+    except KeyboardInterrupt:
+        assert interrupt.fired
+        with store.transaction() as s:
+            s.value["saved"] = True
+        assert lock_is_free_for_others(lock_file)  # while the interrupt (and the dropped transaction) still lives
+        assert lockstore.read(path) == {"n": 0, "saved": True}  # the interrupted one wrote nothing; the save did
+
+    # A kept exception (sys.last_value in a REPL, a future's result): later transactions are real ones.
+    kept: list[BaseException] = []
+    try:
+        with _InterruptExitStart(), store.transaction() as s:
+            s.value["n"] += 100
+    except KeyboardInterrupt as exc:
+        kept.append(exc)
+    for _ in range(3):
+        with store.transaction() as s:
+            s.value["n"] += 1
+        assert lock_is_free_for_others(lock_file)
+    store.reload()
+    assert lockstore.read(path) == {"n": 3, "saved": True}
+    assert kept
+
+
+def test_nested_transactions_still_join_their_running_outer_one(tmp_path: Path) -> None:
+    # The negative control of the test above: every way a block can still be running joins it as a savepoint
+    # (nested in the block, in a function it calls, inside try/except in it, through a contextmanager generator
+    # suspended in it, through ExitStack): the outer one writes once, with the inner changes.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+
+    def inner() -> None:
+        with store.transaction() as s:
+            s.value["n"] += 1
+
+    @contextlib.contextmanager
+    def wrapped() -> Iterator[lockstore.Store[Any]]:
+        with store.transaction() as s:
+            yield s
+
+    with store.transaction():
+        inner()
+        try:
+            raise ValueError
+        except ValueError:
+            inner()
+        with store.transaction() as t:
+            t.value["n"] += 1
+        assert lockstore.read(path) == {"n": 0}  # nothing written yet: all joined the outer one
+    with wrapped():
+        inner()
+        assert lockstore.read(path) == {"n": 3}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(store.transaction())
+        inner()
+        assert lockstore.read(path) == {"n": 4}
+    assert lockstore.read(path) == {"n": 5}
 
 
 def test_interrupt_in_the_cleanup_of_a_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
