@@ -17,20 +17,34 @@ expected, the answer is "running": never end a block that may still run.
 
 from __future__ import annotations
 
-import dis
 import functools
 import itertools
+import opcode
 from types import CodeType, FrameType
 
 #: The opcode a ``with`` statement enters with (3.11 to 3.13; later versions fall back to "running").
-_WITH = dis.opmap.get("BEFORE_WITH", -1)
+_WITH = opcode.opmap.get("BEFORE_WITH", -1)
 #: Handler chains are short (one step per enclosing try/with); more steps than this means the table was misread.
 _STEPS = 64
 
 
 @functools.lru_cache(maxsize=512)
+def entered_by_with(frame: FrameType) -> bool:
+    """Whether ``frame`` is calling ``__enter__`` from a ``with`` statement (not a manual call, ``ExitStack``).
+
+    Only those frames are kept: a frame kept by a transaction that a local variable of that frame refers to is a
+    reference cycle, and a manually entered, dropped transaction must be freed (and so released) as soon as its
+    caller's frame goes, not at the next cyclic garbage collection."""
+    try:
+        return frame.f_code.co_code[frame.f_lasti] == _WITH
+    except IndexError:
+        return False
+
+
 def _layout(code: CodeType) -> tuple[dict[int, tuple[int, int]], tuple[tuple[int, int, int], ...]]:
     """For ``code``: {offset: (opcode, next offset)} and its exception table as (start, end, target)."""
+    import dis  # only when a dropped transaction is suspected
+
     instructions = list(dis.get_instructions(code))
     steps = {ins.offset: (ins.opcode, nxt.offset) for ins, nxt in itertools.pairwise(instructions)}
     # exception_entries exists at runtime on 3.11+ but is missing from typeshed's dis.Bytecode
@@ -67,4 +81,4 @@ def running(frame: FrameType, entry: int) -> bool:
     return True
 
 
-__all__ = ["running"]
+__all__ = ["entered_by_with", "running"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
+import io
 import itertools
 import os
 from typing import Final
@@ -47,12 +49,32 @@ def close_all(fds: list[int]) -> None:
             continue
 
 
+#: Wraps a descriptor in a file object that closes it when collected (C code, no Python frame in between).
+_closing_file = functools.partial(io.FileIO, mode="r", closefd=True)
+
+
+def open_probe(files: list[io.FileIO], path: str, flags: int) -> int:
+    """``os.open`` for a short read, landing in ``files`` as a file object before any signal handler can run.
+
+    For descriptors that live only as long as one call: if interrupts cut every cleanup short (a burst of signals),
+    the descriptor is still closed when the call's frame, and so ``files``, is gone. Close with
+    :func:`close_probes`."""
+    files.extend(map(_closing_file, map(os.open, (path,), (flags,))))
+    return files[-1].fileno()
+
+
+def close_probes(files: list[io.FileIO]) -> None:
+    """Close every file of ``files`` (C code: an interrupt can only come before or after all of them)."""
+    collections.deque(map(io.FileIO.close, files), maxlen=0)
+    files.clear()
+
+
 def read_bytes(path: str, limit: int = -1) -> bytes:
-    """The bytes of the file at ``path`` (at most ``limit``), read without a file object: an interrupt anywhere
-    leaves no descriptor open (and no file object for the garbage collector to close with a ResourceWarning)."""
-    fds: list[int] = []
+    """The bytes of the file at ``path`` (at most ``limit``): an interrupt anywhere leaves no descriptor open once
+    this call's frame is gone (see :func:`open_probe`)."""
+    files: list[io.FileIO] = []
     try:
-        fd = open_into(fds, path, os.O_RDONLY | O_CLOEXEC)
+        fd = open_probe(files, path, os.O_RDONLY | O_CLOEXEC)
         chunks = []
         left = limit
         while left:
@@ -64,9 +86,9 @@ def read_bytes(path: str, limit: int = -1) -> bytes:
         return b"".join(chunks)
     finally:
         try:
-            close_all(fds)
+            close_probes(files)
         except BaseException:
-            close_all(fds)  # an interrupt cut the first call short
+            close_probes(files)  # an interrupt cut the first call short
             raise
 
 

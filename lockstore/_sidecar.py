@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import stat
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 
 from . import _holder, _proclocks, _queue, _slots, _stats, _waiter
 from ._error import LockReentryError, LockTimeout
-from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, named, open_into
+from ._os import O_CLOEXEC, O_NOFOLLOW, O_NONBLOCK, close_all, close_probes, named, open_into, open_probe
 from ._owners import Ticket, conflicts, current_owner, defer_when_collected
 from ._slots import CAN_BLOCK, LOCK_EX, LOCK_NB, LOCK_UN, Slot, flock
 from ._stats_report import LockStats, TimedOut
@@ -483,9 +484,9 @@ class SidecarLock:
 
     def _probe_read(self, size: int) -> tuple[bytes, int, int] | None:
         """(the lock file's first ``size`` bytes, its device as /proc/locks shows it, its inode), or None."""
-        probe: list[int] = []  # its own: threads may ask at once
+        probe: list[io.FileIO] = []  # its own: threads may ask at once
         try:
-            fd = open_into(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+            fd = open_probe(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
             st = os.fstat(fd)
             data = os.pread(fd, size, 0) if stat.S_ISREG(st.st_mode) else b""
             return data, _proclocks.lock_dev(fd), st.st_ino
@@ -493,9 +494,9 @@ class SidecarLock:
             return None
         finally:
             try:
-                close_all(probe)
+                close_probes(probe)
             except BaseException:
-                close_all(probe)  # an interrupt cut the first call short
+                close_probes(probe)  # an interrupt cut the first call short
                 raise
 
     def holder_and_staleness(self) -> tuple[Holder | None, bool]:

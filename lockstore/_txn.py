@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from ._backend import Stored
+from ._block import entered_by_with, running
 from ._error import CorruptStoreError, DurabilityUnknownError, LockReentryError, LockTimeout, SerializationError
 from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation, run_deferred
 from ._savepoint import Savepoint
@@ -216,12 +217,9 @@ class Core(Generic[T]):
             return None
         if txn.owner == owner or txn.owner == threading.get_ident():
             frame = txn.frame
-            if frame is not None and txn.entered:
-                from ._block import running
-
-                if not running(frame, txn.entry):
-                    txn.end_dropped()
-                    return None
+            if frame is not None and txn.entered and not running(frame, txn.entry):
+                txn.end_dropped()  # its with statement was left without running __exit__ (see _block.py)
+                return None
             return txn
         return None
 
@@ -443,8 +441,9 @@ class Transaction(Generic[T]):
         outer = core.mine(owner)
         if outer is not None:
             return self._join(outer)
-        frame = self.frame = sys._getframe(1)
-        self.entry = frame.f_lasti
+        frame = sys._getframe(1)
+        if entered_by_with(frame):
+            self.frame, self.entry = frame, frame.f_lasti
         self.owner = owner
         self.generation = generation()
         storage = core.storage

@@ -26,7 +26,7 @@ from _children import Child
 from _interrupt import inject
 
 import lockstore
-from lockstore import _txn
+from lockstore import _os, _txn
 
 
 def fds() -> int:
@@ -375,6 +375,56 @@ def test_interrupt_in_the_standard_library_while_handing_a_wait_to_the_waiter_th
                 break
     assert problems == []
     assert k > 5  # the walk went through Waiter.wait and what it calls
+
+
+# The file object closed by the collector says so (a ResourceWarning): the point of the test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("caller", ["read_bytes", "_probe_read"])
+def test_two_interrupts_in_a_row_in_a_probes_cleanup_leak_no_descriptor(tmp_path: Path, caller: str) -> None:
+    # A LockTimeout describes the holder: it opens the lock file (SidecarLock._probe_read) and reads /proc/locks
+    # (_os.read_bytes). An interrupt at the start of their cleanup and a second one at the start of its retry (a
+    # burst): the descriptor must still be closed once the interrupted call is gone. A trace function raises the
+    # first (CPython then switches tracing off), a profile function the second.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+    cleanup = _os.close_probes.__code__
+    state = {"armed": True, "first": False}
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if (event == "call" and frame.f_code is cleanup and frame.f_back.f_code.co_name == caller
+                and state["armed"]):
+            state["armed"], state["first"] = False, True
+            raise KeyboardInterrupt
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is cleanup and state["first"]:
+            state["first"] = False
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    with Child("flock", str(path) + ".lock") as child:
+        child.wait_ready()
+        with contextlib.suppress(lockstore.LockTimeout), store.transaction(timeout=0):
+            pass  # warm up: what a LockTimeout opens once is open
+        gc.collect()
+        lockstore.read(path)
+        before = fds()
+        sys.setprofile(profiler)
+        sys.settrace(tracer)
+        try:
+            with store.transaction(timeout=0):
+                pass
+        except (KeyboardInterrupt, lockstore.LockTimeout):
+            pass
+        finally:
+            sys.settrace(None)
+            sys.setprofile(None)
+        assert not state["armed"] and not state["first"]  # both interrupts fired
+        gc.collect()
+        lockstore.read(path)
+        assert fds() == before
+        child.release()
 
 
 def test_interrupt_in_a_timed_out_wait(tmp_path: Path) -> None:
