@@ -28,7 +28,6 @@ _WITH = opcode.opmap.get("BEFORE_WITH", -1)
 _STEPS = 64
 
 
-@functools.lru_cache(maxsize=512)
 def entered_by_with(frame: FrameType) -> bool:
     """Whether ``frame`` is calling ``__enter__`` from a ``with`` statement (not a manual call, ``ExitStack``).
 
@@ -41,6 +40,7 @@ def entered_by_with(frame: FrameType) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=512)
 def _layout(code: CodeType) -> tuple[dict[int, tuple[int, int]], tuple[tuple[int, int, int], ...]]:
     """For ``code``: {offset: (opcode, next offset)} and its exception table as (start, end, target)."""
     import dis  # only when a dropped transaction is suspected
