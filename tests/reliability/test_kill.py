@@ -107,13 +107,15 @@ def test_kill_9_hundreds_of_times(tmp_path: Path) -> None:
     assert violations == []
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_negative_control_in_place_writer_is_caught(tmp_path: Path) -> None:
     """A writer patched (in the child only) to rewrite the file in place must tear it under kill -9."""
     violations: list[str] = []
-    for round_ in range(8):
+    # Usually the first round tears it; a machine busy with other jobs may need more (a kill lands only while the
+    # child runs), so it tries up to 20 rounds and stops at the first tear.
+    for round_ in range(20):
         violations = kill_loop(tmp_path, 10, pad=256 * 1024, inplace=True, seed=100 + round_)
         if violations:
             break
     report(violations, negative=True)
-    assert violations, "80 kills of an in-place writer tore nothing: the kill test may have no teeth"
+    assert violations, "200 kills of an in-place writer tore nothing: the kill test may have no teeth"
