@@ -59,7 +59,15 @@ def open_probe(files: list[io.FileIO], path: str, flags: int) -> int:
     For descriptors that live only as long as one call: if interrupts cut every cleanup short (a burst of signals),
     the descriptor is still closed when the call's frame, and so ``files``, is gone. Close with
     :func:`close_probes`."""
-    files.extend(map(_closing_file, map(os.open, (path,), (flags,))))
+    fds: list[int] = []
+    count = len(files)
+    try:
+        open_into(fds, path, flags)
+        files.extend(map(_closing_file, fds))  # from here the file object owns the descriptor
+    except BaseException:
+        if len(files) == count:
+            close_all(fds)  # not taken by a file object: a directory (FileIO refuses one), or an interrupt
+        raise
     return files[-1].fileno()
 
 
@@ -84,6 +92,8 @@ def read_bytes(path: str, limit: int = -1) -> bytes:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+    except OSError as exc:
+        raise named(exc, path) from None  # a directory's EISDIR comes from FileIO or read(), naming nothing
     finally:
         try:
             close_probes(files)
@@ -94,7 +104,7 @@ def read_bytes(path: str, limit: int = -1) -> bytes:
 
 def named(exc: OSError, path: str) -> OSError:
     """The same error naming ``path`` (flock's, fstat's and pwrite's errors name no file)."""
-    if exc.filename is not None:
+    if exc.filename is not None and not isinstance(exc.filename, int):  # FileIO(fd) names the descriptor
         return exc
     err = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), path)
     err.__cause__ = exc

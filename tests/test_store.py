@@ -589,3 +589,14 @@ def test_backup_through_a_symlink_moves_the_target_and_keeps_the_link(tmp_path: 
     assert link.is_symlink()
     assert lockstore.read(target) == {"n": 5}
     assert [q.name for q in tmp_path.glob("real.json.corrupt-*")]
+
+
+def test_read_of_a_directory_names_it_and_leaks_no_descriptor(tmp_path: Path) -> None:
+    # A user error: the error names the path, and every call closes what it opened (the third review: the file
+    # object that wraps a probe's descriptor refuses a directory without closing it).
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(IsADirectoryError) as info:
+            lockstore.read(tmp_path)
+        assert info.value.filename == str(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before
