@@ -24,11 +24,14 @@ class LockReentryError(LockstoreError, RuntimeError):
     """A thread or task asked for a lock that it (or a task of the event loop running on its thread) already holds
     through another Store object or ``store.lock``: waiting would never end."""
 
-    def __init__(self, lock_file: str) -> None:
+    def __init__(self, lock_file: str, reason: str | None = None) -> None:
         super().__init__(lock_file)
         self.lock_file = lock_file
+        self.reason = reason  # when it is not "held through another object" (see __str__)
 
     def __str__(self) -> str:
+        if self.reason is not None:
+            return f"{self.reason} ({self.lock_file})"
         return (
             f"this thread or task already holds the lock {self.lock_file} (through another Store object on the same "
             "file or key, or store.lock), or a task of the event loop running on this thread does, so waiting for it "

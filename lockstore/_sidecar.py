@@ -418,6 +418,8 @@ class SidecarLock:
             # find the previous turn's and write it over the real holder's record.
             area, slot.area = slot.area, None
             record_len, slot.record_len = slot.record_len, 0
+            if slot.waiters and slot.flocked is not None and slot.flocked == slot.waiters[0].fd:
+                slot.waiters[0].withdraw()  # a grant still to come for a wait given up is dropped, not kept
             if slot.flocked is not None and slot.writable and slot.fds:
                 # Only while we hold the flock are the record and the statistics ours to write. The record is
                 # blanked in place rather than truncated (a truncate frees the file's block and the next record
@@ -448,10 +450,7 @@ class SidecarLock:
                 fd, slot.flocked = slot.flocked, None
                 if fd is not None:
                     try:
-                        if slot.waiters and fd == slot.waiters[0].fd:
-                            slot.waiters[0].unlock()  # also drops a grant still to come for a wait given up
-                        else:
-                            flock(fd, LOCK_UN)
+                        flock(fd, LOCK_UN)
                     except OSError:
                         slot.close_files()  # closing our descriptors releases the lock whatever went wrong
             finally:

@@ -112,6 +112,29 @@ def release_abandoned() -> None:
         _RELEASER.give(ticket)
 
 
+#: The transaction each with statement (its frame and offset) last entered, weakly: when the same statement enters
+#: again while the one it entered before is still "in its block", that block was left without its __exit__ (see
+#: _block.py), whichever Store it belongs to; one frame runs one statement at a time.
+_AT: dict[tuple[int, int], weakref.ref[Transaction[Any]]] = {}
+
+
+def _entered_here(txn: Transaction[Any], frame: FrameType) -> None:
+    key = (id(frame), frame.f_lasti)
+    ref = _AT.get(key)
+    before = None if ref is None else ref()
+    if (before is not None and before is not txn and before.frame is frame and before.entered and before.in_block
+            and before.generation == FORKS[0]):
+        before.end_dropped()  # a forked child's copy of its parent's transaction is not its own to end
+    _AT[key] = weakref.ref(txn)
+
+
+def _left_here(txn: Transaction[Any], frame: FrameType) -> None:
+    key = (id(frame), txn.entry)
+    ref = _AT.get(key)
+    if ref is not None and ref() in (txn, None):
+        _AT.pop(key, None)
+
+
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
 BLOCK: Final = 0
 COMMIT: Final = 1
@@ -216,8 +239,15 @@ class Core(Generic[T]):
         if txn is None or txn.done or txn.generation != generation():
             return None
         if txn.owner == owner or txn.owner == threading.get_ident():
+            if not (txn.entered and txn.in_block):
+                # Called inside that transaction's own __enter__ or __exit__ (a signal handler, a format's hook):
+                # joined, its changes would be overwritten by the refresh or come after the write decision.
+                raise LockReentryError(self.storage.lock_name or self.storage.target,
+                                       "a transaction of this Store is being entered or left by this thread (a "
+                                       "signal handler or a format hook ran in the middle of it); its lock cannot "
+                                       "be joined there, and waiting for it would never end")
             frame = txn.frame
-            if frame is not None and txn.entered and not running(frame, txn.entry):
+            if frame is not None and not running(frame, txn.entry):
                 txn.end_dropped()  # its with statement was left without running __exit__ (see _block.py)
                 return None
             return txn
@@ -237,8 +267,8 @@ class Transaction(Generic[T]):
     """One transaction (or one ``commit()``) of one Store, by one owner; a sync and async context manager."""
 
     __slots__ = ("__weakref__", "acquired", "begun", "blocking", "core", "done", "entered", "entry", "frame",
-                 "generation", "guard_ticket", "held", "kind", "label", "outer", "owner", "savepoint", "store",
-                 "timeout", "watch")
+                 "generation", "guard_ticket", "held", "in_block", "kind", "label", "outer", "owner", "savepoint",
+                 "store", "timeout", "watch")
 
     def __init__(self, core: Core[T], timeout: float, *, blocking: bool, label: str | None, kind: int = BLOCK) -> None:
         self.core = core
@@ -259,6 +289,7 @@ class Transaction(Generic[T]):
         self.begun = 0.0  # monotonic: when the outermost __enter__ began, and when it held the lock (0.0: not yet)
         self.acquired = 0.0
         self.entered = False  # between __enter__ and __exit__
+        self.in_block = False  # __enter__ has completed (a signal handler's transaction may run inside it)
         # The frame whose with statement entered the outermost transaction, and its offset there: whether that
         # block still runs (see _block.py). None for an asyncio transaction or before entering.
         self.frame: FrameType | None = None
@@ -357,6 +388,9 @@ class Transaction(Generic[T]):
         """Release (idempotent) and disarm. Callers retry a call cut short, even at its very start:
         ``try: self._end() except BaseException: self._end(); raise``."""
         self._release()
+        frame = self.frame
+        if frame is not None:
+            _left_here(self, frame)
         self.frame = None  # a frame and this object may refer to each other (``t = store.transaction(); with t:``)
         self._disarm()
         self._log()
@@ -433,6 +467,7 @@ class Transaction(Generic[T]):
         self.done = False
         self.acquired = 0.0
         self.frame = None
+        self.in_block = False
 
     def __enter__(self) -> Store[T]:
         self._once()
@@ -444,6 +479,7 @@ class Transaction(Generic[T]):
         frame = sys._getframe(1)
         if entered_by_with(frame):
             self.frame, self.entry = frame, frame.f_lasti
+            _entered_here(self, frame)
         self.owner = owner
         self.generation = generation()
         storage = core.storage
@@ -467,6 +503,7 @@ class Transaction(Generic[T]):
                 self._end()  # an interrupt cut the first call short
                 raise
             raise
+        self.in_block = True  # no call between this and the return: no signal handler runs in between
         return self.store
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -531,6 +568,7 @@ class Transaction(Generic[T]):
             self.entered = False
             await settle(self._aend())
             raise
+        self.in_block = True
         return self.store
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

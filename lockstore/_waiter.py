@@ -160,15 +160,15 @@ class Waiter:
             raise self._error
         return False
 
-    def unlock(self) -> None:
-        """The caller lets go of the lock taken through this thread: unlock, and withdraw the latest request, so
-        that a grant that comes later (its wait was given up, and the withdrawal cut short) is dropped too."""
+    def withdraw(self) -> None:
+        """Before the caller unlocks ``self.fd`` at its release: withdraw the latest request, so that a grant that
+        comes later (its wait was given up and that withdrawal cut short by interrupts) is dropped by the thread.
+        The unlock itself stays one C call right after the caller forgets the lock (see SidecarLock._let_go)."""
         with self._guard:
             request = self._current
             if request is not None:
                 request.cancelled = True
                 request.granted = False
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _cancel(self, request: _Request) -> None:
         """Withdraw ``request``: a grant it got is dropped, one still to come will be."""

@@ -5,7 +5,8 @@ waiter starts or a lock instance is registered, a reused transaction object, and
 Ctrl-C in a contended wait wiping the real holder's record, a stale "oldest wait" (a killed waiter's, or one left by
 racing withdrawals) making every release hand over to nobody, and a waiter thread per timed-out attempt through a
 new Store while a foreign process holds the lock; from a third review, three interrupts in a row in a timed wait
-leaving the waiter thread's late grant held. Each failed on the code the
+leaving the waiter thread's late grant held; from a fourth, an interrupt at the start of the waiter's step in a
+release. Each failed on the code the
 review attacked (see the CHANGELOG); the scripts run unchanged, in a fresh interpreter, against this checkout.
 """
 
@@ -39,6 +40,8 @@ QUICK = [
     "reopen_timeout_thread_leak.py",
     # The third review (of the signal fixes): a burst of three interrupts in a timed wait.
     "three_signals_waiter.py",
+    # The fourth review: an interrupt at the start of the waiter's step in a release.
+    "kbi_waiter_withdraw_start.py",
 ]
 SLOW = ["symlink_switch_stress.py", "kbi_cold_walk.py"]
 

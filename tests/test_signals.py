@@ -195,17 +195,22 @@ def test_interrupt_anywhere_while_releasing_a_dropped_transaction(tmp_path: Path
 
 
 class _InterruptExitStart:
-    """Raise KeyboardInterrupt once, at the very first instruction of Transaction.__exit__ (where CPython may run a
-    signal handler before any of its body: the with statement is left without the transaction's end)."""
+    """Raise KeyboardInterrupt once, at the very first instruction of the ``nth`` call of Transaction.__exit__ (where
+    CPython may run a signal handler before any of its body: the with statement is left without the transaction's
+    end)."""
 
-    def __init__(self) -> None:
+    def __init__(self, nth: int = 1) -> None:
         self.fired = False
+        self.calls = 0
+        self.nth = nth
 
     def _trace(self, frame: Any, event: str, arg: Any) -> None:
         if event == "call" and not self.fired and frame.f_code is _txn.Transaction.__exit__.__code__:
-            self.fired = True
-            sys.settrace(None)
-            raise KeyboardInterrupt
+            self.calls += 1
+            if self.calls == self.nth:
+                self.fired = True
+                sys.settrace(None)
+                raise KeyboardInterrupt
 
     def __enter__(self) -> _InterruptExitStart:
         sys.settrace(self._trace)
@@ -246,6 +251,74 @@ def test_a_transaction_dropped_at_its_exit_is_never_joined_while_its_interrupt_l
     store.reload()
     assert lockstore.read(path) == {"n": 3, "saved": True}
     assert kept
+
+
+def test_the_same_with_statement_entered_again_ends_the_transaction_it_dropped(tmp_path: Path) -> None:
+    # The fourth review: a loop runs one with statement for two Stores; the first pass is dropped at its outer
+    # __exit__ (the exception kept), the second pass enters the other Store and, inside, the first Store again. That
+    # inner transaction is inside a running execution of the very statement that dropped the first one: it must be
+    # a real transaction (written, lock freed), not a savepoint of the dropped one.
+    index = lockstore.open(tmp_path / "index.json", default={"n": 0}, durable=False)
+    data = lockstore.open(tmp_path / "data.json", default={"n": 0}, durable=False)
+    kept: list[BaseException] = []
+    interrupt = _InterruptExitStart(nth=2)  # the nested index transaction's __exit__ first, then the outer one's
+    sys.settrace(interrupt._trace)
+    try:
+        for store in (index, data):
+            try:
+                with store.transaction() as s:
+                    s.value["n"] += 1
+                    with index.transaction() as ix:
+                        ix.value["touched"] = ix.value.get("touched", 0) + 1
+            except KeyboardInterrupt as exc:
+                kept.append(exc)
+    finally:
+        sys.settrace(None)
+    assert interrupt.fired and kept
+    assert lockstore.read(tmp_path / "index.json") == {"n": 0, "touched": 1}
+    assert lockstore.read(tmp_path / "data.json") == {"n": 1}
+    assert lock_is_free_for_others(str(tmp_path / "index.json.lock"))
+
+
+def test_a_signal_handlers_transaction_inside_the_outer_ones_enter_is_refused(tmp_path: Path) -> None:
+    # The fourth review: a handler (SIGUSR1 here; a "save state" SIGTERM handler alike) runs a transaction of the
+    # same Store while the main thread is inside that Store's transaction's __enter__. Joining would lose the
+    # handler's change to the refresh; taking the outer one for dropped would run its block without the lock. It
+    # raises LockReentryError instead: the outer transaction fails cleanly, nothing written, the lock free.
+    import signal
+
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+
+    def handler(signum: int, frame: Any) -> None:
+        with store.transaction() as s:
+            s.value["signalled"] = True
+
+    storage: Any = store._core.storage
+    real_fetch = storage.fetch
+    sent: list[bool] = []
+
+    def fetch(*args: Any, **kwargs: Any) -> Any:
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)  # runs at the next bytecode boundary, inside the refresh
+        return real_fetch(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    storage.fetch = fetch
+    try:
+        with pytest.raises(lockstore.LockReentryError, match="being entered or left"), store.transaction() as s:
+            s.value["n"] += 1
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        del storage.fetch
+    assert sent
+    assert lockstore.read(path) == {"n": 0}
+    assert lock_is_free_for_others(str(path) + ".lock")
+    with store.transaction(timeout=0) as s:
+        s.value["n"] += 1
+    assert lockstore.read(path) == {"n": 1}
 
 
 def test_nested_transactions_still_join_their_running_outer_one(tmp_path: Path) -> None:
