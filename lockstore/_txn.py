@@ -122,9 +122,10 @@ def _entered_here(txn: Transaction[Any], frame: FrameType) -> None:
     key = (id(frame), frame.f_lasti)
     ref = _AT.get(key)
     before = None if ref is None else ref()
+    # (A forked child's copy of its parent's transaction is not the child's to end: the generation check.)
     if (before is not None and before is not txn and before.frame is frame and before.entered and before.in_block
             and before.generation == FORKS[0]):
-        before.end_dropped()  # a forked child's copy of its parent's transaction is not its own to end
+        before.end_dropped()
     _AT[key] = weakref.ref(txn)
 
 
