@@ -79,8 +79,8 @@ class Waiter:
         self._guard = threading.Lock()  # the requests' state; only ever used in ``with`` statements
         # Requests for the thread (None: stop). A withdrawn request may still be in it; the thread skips it.
         self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        # The latest request: :meth:`unlock` withdraws it, so that a grant still to come is dropped even when the
-        # caller's own withdrawal was cut short by interrupts (the caller then releases through unlock()).
+        # The latest request: :meth:`withdraw` (called at the caller's release) withdraws it, so that a grant still
+        # to come is dropped even when the caller's own withdrawal in wait() was cut short by interrupts.
         self._current: _Request | None = None
         self._closing = False
         self._busy = False  # the thread is in the kernel for a request (under _guard)
