@@ -321,6 +321,32 @@ def test_a_signal_handlers_transaction_inside_the_outer_ones_enter_is_refused(tm
     assert lockstore.read(path) == {"n": 1}
 
 
+def test_a_manually_entered_transaction_dropped_with_its_frame_is_released_without_a_collection(
+        tmp_path: Path) -> None:
+    # Only a with statement's frame is kept: a transaction entered by hand and referred to by a local of its frame
+    # would otherwise make a reference cycle, and a dropped one would keep the lock until the next cyclic garbage
+    # collection (a review's stress run: the next transactions raised LockReentryError by the thousand).
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+
+    def drop() -> None:
+        txn = store.transaction()
+        txn.__enter__()  # and never left: the frame goes, the transaction with it
+
+    gc.collect()
+    gc.disable()
+    try:
+        drop()
+        store.reload()  # the next lockstore call releases what the dropped transaction held
+        assert lock_is_free_for_others(str(path) + ".lock")
+        with store.transaction(timeout=0) as s:
+            s.value["n"] += 1
+    finally:
+        gc.enable()
+    assert lockstore.read(path) == {"n": 1}
+
+
 def test_nested_transactions_still_join_their_running_outer_one(tmp_path: Path) -> None:
     # The negative control of the test above: every way a block can still be running joins it as a savepoint
     # (nested in the block, in a function it calls, inside try/except in it, through a contextmanager generator
