@@ -63,8 +63,8 @@ def running(frame: FrameType, entry: int) -> bool:
     """Whether the ``with`` statement at offset ``entry`` of ``frame`` is still inside its block."""
     try:
         steps, table = _layout(frame.f_code)
-        opcode, after = steps.get(entry, (-1, -1))
-        if opcode != _WITH:
+        op, after = steps.get(entry, (-1, -1))
+        if op != _WITH:
             return True  # not entered by a with statement we can read: assume it runs
         own = _handler(table, after)
         if own < 0:
