@@ -270,10 +270,16 @@ def no_record_lock(store: Any, path: str) -> None:
     _plug(store, path, NoRecordLock)
 
 
-def no_stats_lock(store: Any, path: str) -> None:
-    """Switch the statistics off in ``store``, keeping the holder record as 0.1.x wrote it (a SidecarLock subclass;
-    lockstore is untouched): ``_mark`` reads 1 byte (a stale record?), writes the record and leaves ``slot.area``
-    None, so the release blanks only the record (one pwrite of ``record_len`` blanks) and updates no statistics."""
+_stats_free: Any = None
+
+
+def stats_free_lock_class() -> Any:
+    """A SidecarLock subclass (lockstore is untouched) whose ``_mark`` does what 0.1.x did: read 1 byte (a stale
+    record?), write the record, and leave ``slot.area`` None, so the release blanks only the record (one pwrite of
+    ``record_len`` blanks) and updates no statistics (and reads no waiters' header)."""
+    global _stats_free
+    if _stats_free is not None:
+        return _stats_free
     from lockstore import _holder, _sidecar
 
     class NoStatsLock(_sidecar.SidecarLock):
@@ -298,7 +304,14 @@ def no_stats_lock(store: Any, path: str) -> None:
                 pass
             return stale
 
-    _plug(store, path, NoStatsLock)
+    _stats_free = NoStatsLock
+    return NoStatsLock
+
+
+def no_stats_lock(store: Any, path: str) -> None:
+    """Switch the statistics off in ``store`` (see :func:`stats_free_lock_class`), keeping the holder record as
+    0.1.x wrote it."""
+    _plug(store, path, stats_free_lock_class())
 
 
 class Lockstore(Competitor):

@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from _jobs import Floor, floor_write, make_value, no_record_lock, no_stats_lock, read_bytes
+from _jobs import Floor, floor_write, make_value, no_record_lock, no_stats_lock, read_bytes, stats_free_lock_class
 
 Samples = dict[str, list[float]]
 
@@ -154,57 +155,50 @@ def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Sam
     import lockstore
     from lockstore import _holder, _queue, _sidecar, _stats
 
-    old_fd = os.open(os.path.join(root, "holder-0.1.lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    new_fd = os.open(os.path.join(root, "holder-0.2.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    # The real lock code, uncontended, on lock files of their own: SidecarLock as is, and the SidecarLock subclass
+    # whose _mark does 0.1.x's bookkeeping (pread 1 byte, the record, its blanking; no statistics, no queue header).
+    # The difference is what the statistics (and the waiters' header read with them) cost per transaction.
+    owner = threading.get_ident()
+    locks = {"now": _sidecar.SidecarLock(os.path.join(root, "holder-now.lock")),
+             "0.1.x": stats_free_lock_class()(os.path.join(root, "holder-0.1.lock"))}
     # A lock file as it is once some process has waited: the waiters' slots exist, so the pread gets all it asks for.
-    os.ftruncate(new_fd, _queue.END)
-    os.pwrite(new_fd, b" " * _sidecar.RECORD_MAX, 0)
-    head_size = _sidecar._HEAD  # record + statistics + the waiters' header: [0, 6160)
-    blanks = b" " * _sidecar.RECORD_MAX
+    fd = os.open(locks["now"].lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    os.ftruncate(fd, _queue.END)
+    os.pwrite(fd, b" " * _sidecar.RECORD_MAX, 0)
+    os.close(fd)
+
+    def cycle(lock: Any) -> Callable[[], None]:
+        def run() -> None:
+            held = lock.held(owner, None)
+            lock.acquire(held, timeout=-1, poll_interval=0.05, blocking=True, label=None)
+            lock.release(held)
+
+        return run
+
     host = _holder._host_name()
     pid = os.getpid()
-
-    def cycle_old() -> None:
-        # 0.1.x, per transaction: is a stale record there (1 byte)?, write ours, blank it at release.
-        _ = os.pread(old_fd, 1, 0) not in (b"", b" ")  # the check is part of the cost
-        record = _holder.record(None)
-        os.pwrite(old_fd, record, 0)
-        os.pwrite(old_fd, b" " * len(record), 0)
-
-    def cycle_new() -> None:
-        # SidecarLock._mark and _let_go now, uncontended: one pread of [0, 6160), the record, then at release the
-        # statistics updated and written with the blanked record region in one pwrite.
-        begun = time.monotonic()  # the acquisition's start (Held.start)
-        acquired = time.monotonic()
-        head = os.pread(new_fd, head_size, 0)
-        _ = head[:1] not in (b"", b" ")
-        area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
-        oldest = _queue.oldest(head[_queue.HEADER :])
-        _queue.timeouts_marked(head[_queue.HEADER :])
-        os.pwrite(new_fd, _holder.record(None), 0)
-        now = time.monotonic()
-        _stats.add(area, waited=acquired - begun, held=now - acquired, now=time.time(), label=None, pid=pid,
-                   host=host, timeouts=[])
-        os.pwrite(new_fd, blanks + area, 0)
-        _ = bool(oldest) and time.time() - oldest > _queue.STARVE_AFTER  # the hand-over decision
-
     area = _stats.fresh(time.time())
+    cold = _stats.add(area, waited=2e-6, held=3e-5, now=time.time(), label=None, pid=pid, host=host)
 
     def add_only() -> None:
-        _stats.add(area, waited=2e-6, held=3e-5, now=time.time(), label=None, pid=pid, host=host, timeouts=[])
+        # As SidecarLock._let_go calls it when the area is the one this process wrote last (the usual case).
+        _stats.add(area, waited=2e-6, held=3e-5, now=time.time(), label=None, pid=pid, host=host, cold=cold)
 
-    cycle_new()  # the statistics area written once: every timed cycle updates a valid one
+    for lock in locks.values():
+        cycle(lock)()  # the statistics area written once: every timed cycle updates a valid one
     direct = interleave(
         {
-            "0.1.x: pread 1 B + record() + pwrite + blanking pwrite": block(cycle_old, n),
-            "now: pread 6160 B + record() + pwrite + _stats.add() + pwrite 4096 blanks + area": block(cycle_new, n),
+            "0.1.x: lock acquire + release, 0.1.x's record only (pread 1 B, record, blanking pwrite)":
+                block(cycle(locks["0.1.x"]), n),
+            "now: lock acquire + release as is (pread 6160 B, record, statistics, pwrite blanks + area)":
+                block(cycle(locks["now"]), n),
             "record() alone": block(lambda: _holder.record(None), n),
             "_stats.add() alone": block(add_only, n),
         },
         repeats,
     )
-    os.close(old_fd)
-    os.close(new_fd)
+    for lock in locks.values():
+        lock.close()
 
     ops: dict[str, Callable[[], object]] = {}
     closers: list[Callable[[], None]] = []

@@ -18,7 +18,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import stat
 from typing import Any
 
@@ -98,7 +97,7 @@ class _Writer(AtomicWriter):  # type: ignore[misc]  # atomicwrites ships no type
         prefix = self.prefix or temp_prefix(self.target)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
         while True:
-            self.temp = prefix + secrets.token_hex(_TOKEN_BYTES) + _TEMP_SUFFIX
+            self.temp = prefix + os.urandom(_TOKEN_BYTES).hex() + _TEMP_SUFFIX  # secrets.token_hex, without its frames
             try:
                 fd = open_into(self.fds, self.temp, flags, 0o666)
             except FileExistsError:  # pragma: no cover - 32 random bits collided

@@ -55,20 +55,24 @@ STARVE_AFTER: Final = 0.002
 _BLANK: Final = b" " * SLOT
 
 
+def state(data: bytes) -> tuple[float, bool]:
+    """(the start of the oldest announced wait, or 0.0 when none; whether some waiter left a timed-out mark), from
+    the lock file's bytes read from offset 0 (the header lies at ``HEADER``): one unpack, no slicing, for the
+    holder's read at every acquisition. Neither when the header is missing or not ours."""
+    if len(data) < HEADER + _HEAD.size:
+        return 0.0, False
+    magic, flag, since = _HEAD.unpack_from(data, HEADER)
+    if magic != _MAGIC:
+        return 0.0, False
+    return (since if since > 0 else 0.0), flag != 0
+
+
 def oldest(head: bytes) -> float:
     """The start of the oldest announced wait in a header's bytes (0.0 when none, or not a header of ours)."""
     if len(head) < _HEAD.size:
         return 0.0
     magic, _, since = _HEAD.unpack_from(head)
     return since if magic == _MAGIC and since > 0 else 0.0
-
-
-def timeouts_marked(head: bytes) -> bool:
-    """Whether a header's bytes say that some waiter left a timed-out mark."""
-    if len(head) < _HEAD.size:
-        return False
-    magic, flag, _ = _HEAD.unpack_from(head)
-    return bool(magic == _MAGIC and flag != 0)
 
 
 class Announcement:
@@ -191,5 +195,5 @@ def announced_in(data: bytes) -> list[Holder]:
     return sorted(_records(data[FIRST_SLOT:END]), key=lambda h: h.waiting_since or 0.0)
 
 
-__all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out", "oldest",
-           "repair_oldest", "timeouts_marked", "withdraw"]
+__all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out",
+           "repair_oldest", "state", "withdraw"]

@@ -361,8 +361,8 @@ class SidecarLock:
             return True
         stale = head[:1] not in (b"", b" ")  # all blanks: a record cleared at release
         slot.area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
-        slot.oldest_wait = _queue.oldest(head[_queue.HEADER :])
-        if _queue.timeouts_marked(head[_queue.HEADER :]):
+        slot.oldest_wait, marked = _queue.state(head)
+        if marked:
             slot.timed_out.extend(TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
         # that follows reports the disk's state and names the data file).
@@ -429,13 +429,24 @@ class SidecarLock:
                         area[:] = _stats.fresh(time.time())
                         slot.written = None
                     else:
-                        now = time.monotonic()
-                        slot.cold = _stats.add(area, waited=slot.acquired_at - held.start, held=now - slot.acquired_at,
-                                               now=time.time(), label=held.label, pid=os.getpid(), host=_HOST,
-                                               timeouts=slot.timed_out,
-                                               cold=slot.cold if area == (slot.written or b"") else None)
+                        acquired_at = slot.acquired_at
+                        waited, kept = acquired_at - held.start, time.monotonic() - acquired_at
+                        # The usual case, _stats.count(): the area is the one this process wrote last (no other
+                        # process has taken the lock since), nothing to report, not the longest hold. What was
+                        # written is forgotten while the area is updated: should an interrupt cut this short, the
+                        # next release checks the area whole rather than pair one turn's bytes with another's CRC.
+                        written, slot.written = slot.written, None
+                        mine = written is not None and area == written
+                        cold = -1
+                        if mine and not slot.timed_out:
+                            cold = _stats.count(area, waited, kept, slot.cold)
+                        if cold < 0:
+                            cold = _stats.add(area, waited=waited, held=kept, now=time.time(), label=held.label,
+                                              pid=os.getpid(), host=_HOST, timeouts=slot.timed_out,
+                                              cold=slot.cold if mine else None)
+                            slot.timed_out = []
+                        slot.cold = cold
                         slot.written = bytes(area)
-                        slot.timed_out = []
                     os.pwrite(slot.fds[0], _BLANKS + area, 0)
                     # A waiter that has waited too long gets the lock first (see _hand_over).
                     slot.handoff = bool(slot.oldest_wait) and time.time() - slot.oldest_wait > _queue.STARVE_AFTER

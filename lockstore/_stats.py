@@ -73,6 +73,7 @@ _LABELS_AT: Final = 176
 _RECENT_AT: Final = 432
 #: What every acquisition changes lies from here to the checksum, so that add() hashes the rest only once.
 _HOT_AT: Final = 752
+_HOLD_MAX_AT: Final = 768
 _WAIT_AT: Final = 792
 _HOLD_AT: Final = 920
 _CRC_AT: Final = SIZE - 4
@@ -86,6 +87,7 @@ _HEAD = struct.Struct("<8sHHI")  # magic, version, size, reserved
 _VERSION_SIZE = struct.Struct("<HH")
 _SINCE = struct.Struct("<d")
 _HOT = struct.Struct("<Qdddd")  # acquisitions, longest wait, longest hold, sum of waits, sum of holds
+_HOLD_MAX = struct.Struct("<d")
 _TIMEOUTS = struct.Struct("<Qdd")  # timeouts, smallest and largest timeout that fired
 _LONGEST = struct.Struct(f"<dIBBBx{HOST_MAX}s{LABEL_MAX}s")
 _LABEL_ROW = struct.Struct(f"<QBB6x{LABEL_MAX}s")
@@ -140,6 +142,35 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
         waited = _clean(waited)
     if not 0.0 <= held < 1e9:
         held = _clean(held)
+    if not timeouts:
+        done = count(area, waited, held, cold)
+        if done >= 0:
+            return done
+    hold_max = _tally(area, waited, held)
+    if held >= hold_max:
+        _set_longest(area, held_at=now, pid=pid, host=host, label=label)
+    if timeouts:
+        _add_timeouts(area, timeouts)
+    cold = _crc32(view[:_HOT_AT])
+    _CRC.pack_into(area, _CRC_AT, _crc32(view[_HOT_AT:_CRC_AT], cold))
+    return cold
+
+
+def count(area: bytearray, waited: float, held: float, cold: int) -> int:
+    """:func:`add` for the usual case, lean and positional (it runs at every release): ``area`` is known to be a
+    valid area of this format whose first part has the CRC-32 ``cold`` (the caller wrote it last, and ``add`` or
+    this returned ``cold``), there are no timeouts to report and the hold is not the longest yet. Returns ``cold``
+    again, or -1 having changed nothing when the case is not the usual one (then call :func:`add`)."""
+    if not (0.0 <= waited < 1e9 and 0.0 <= held < 1e9) or len(area) != SIZE or held >= _HOLD_MAX.unpack_from(
+            area, _HOLD_MAX_AT)[0]:
+        return -1
+    _tally(area, waited, held)
+    _CRC.pack_into(area, _CRC_AT, _crc32(memoryview(area)[_HOT_AT:_CRC_AT], cold))
+    return cold
+
+
+def _tally(area: bytearray, waited: float, held: float) -> float:
+    """Count one acquisition in the hot part (histograms, counts, maxima, sums); returns the longest hold before."""
     acquisitions, wait_max, hold_max, wait_sum, hold_sum = _HOT.unpack_from(area, _HOT_AT)
     # Bucket = frexp's exponent of the value in units of 10 us: [1, 2) -> 1, [2, 4) -> 2, below 1 -> 0 or less.
     # A count is incremented in its low byte (little-endian), through struct only when that byte carries.
@@ -157,14 +188,7 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
         _bump(area, at, _HOLD_AT)
     _HOT.pack_into(area, _HOT_AT, acquisitions + 1, waited if waited > wait_max else wait_max,
                    held if held > hold_max else hold_max, wait_sum + waited, hold_sum + held)
-    if held >= hold_max or timeouts:
-        if held >= hold_max:
-            _set_longest(area, held_at=now, pid=pid, host=host, label=label)
-        if timeouts:
-            _add_timeouts(area, timeouts)
-        cold = _crc32(view[:_HOT_AT])
-    _CRC.pack_into(area, _CRC_AT, _crc32(view[_HOT_AT:_CRC_AT], cold))
-    return cold
+    return float(hold_max)
 
 
 def parse(area: bytes | bytearray | memoryview) -> LockStats | None:

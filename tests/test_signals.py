@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,15 @@ def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_f
         problems.append(f"{where}: {fds() - baseline_fds:+d} descriptors (leaked or closed twice)")
     if waiter_threads() > 1:
         problems.append(f"{where}: {waiter_threads()} waiter threads")
+    stats = store.stats()
+    if stats is None or stats.since != STATS_SINCE.get(str(path), stats.since):
+        # Statistics are best effort under interrupts (a count may be missed), but an area left with a wrong
+        # checksum would be started afresh: every count kept so far lost.
+        problems.append(f"{where}: the statistics were started afresh ({stats!r:.80})")
     return problems
+
+
+STATS_SINCE: dict[str, float] = {}  # the statistics' start, per walked file
 
 
 POINTS: dict[str, int] = {}
@@ -92,6 +101,9 @@ def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object
     gc.collect()
     with store.transaction() as s:  # also closes what earlier tests' collected Stores left (see _owners.DEFERRED)
         s.value["n"] += 1
+    stats = store.stats()
+    assert stats is not None
+    STATS_SINCE[str(path)] = stats.since
     baseline_fds = fds()
     problems: list[str] = []
     for k in range(1, limit):
@@ -121,6 +133,41 @@ def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool, deep
     points, problems = walk(path, store, transaction, deep=deep)
     assert problems == []
     assert points > 50  # the walk really went through acquire, write and release
+
+
+def test_interrupt_anywhere_in_a_release_that_sets_a_new_longest_hold_keeps_the_statistics(tmp_path: Path) -> None:
+    # Every transaction here holds the lock longer than all before it, so each release rewrites the statistics'
+    # first part (the longest hold) and its checksum's starting value. An interrupt between remembering that value
+    # and remembering the bytes it belongs to must not let the next release combine one with the other (the area
+    # would get a wrong checksum, and be started afresh: every count lost). check_after compares the statistics'
+    # start before and after.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    held = [0.0]
+
+    def longer_each_time() -> None:
+        with store.transaction() as s:
+            held[0] += 0.0002
+            time.sleep(held[0])
+            s.value["n"] += 1
+
+    longer_each_time()
+    gc.collect()
+    with store.transaction() as s:
+        s.value["n"] += 1
+    stats = store.stats()
+    assert stats is not None
+    STATS_SINCE[str(path)] = stats.since
+    baseline_fds = fds()
+    problems: list[str] = []
+    for k in range(1, 500):
+        before = lockstore.read(path)["n"]
+        fired, raised, where = inject(k, longer_each_time, within="SidecarLock._let_go")
+        if not fired:
+            break
+        problems += check_after(store, path, before, baseline_fds, f"k={k} {where} -> {raised}")
+    assert problems == []
+    assert k > 10  # the walk went through the release
 
 
 def test_interrupt_anywhere_in_a_commit(tmp_path: Path) -> None:

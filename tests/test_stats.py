@@ -263,6 +263,42 @@ def test_long_texts_are_cut_at_a_character_boundary() -> None:
     assert stats.timeout_labels == (LabelCount("ß" * (_stats.LABEL_MAX // 2), 1),)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(allow_nan=True, allow_infinity=True), st.floats(allow_nan=True,
+                                                                                       allow_infinity=True)),
+                min_size=1, max_size=20))
+def test_count_is_add_for_the_usual_case_and_changes_nothing_otherwise(steps: list[tuple[float, float]]) -> None:
+    """The release's fast path: the same bytes as add() whenever it accepts; when it refuses (a new longest hold, a
+    value out of range, an area not of full size) the area is unchanged, so add() can then do the whole job."""
+    reference = area_of([(0.01, "x")])
+    cold = add(reference, waited=0.0, held=0.001, now=T0, label=None, pid=1, host="h")
+    fast = bytearray(reference)
+    for waited, held in steps:
+        before = bytes(fast)
+        done = _stats.count(fast, waited, held, cold)
+        if done < 0:
+            assert bytes(fast) == before
+            cold = add(fast, waited=waited, held=held, now=T0, label=None, pid=1, host="h", cold=cold)
+        else:
+            assert done == cold
+        cold_ref = add(reference, waited=waited, held=held, now=T0, label=None, pid=1, host="h")
+        assert bytes(fast) == bytes(reference) and cold == cold_ref
+        assert parse(fast) is not None
+    short = bytearray(reference[:-1])
+    assert _stats.count(short, 0.0, 0.0, cold) == -1 and bytes(short) == bytes(reference[:-1])
+
+
+def test_count_with_a_stale_first_part_checksum_is_caught() -> None:
+    """Negative control for the release's guard (it passes ``cold`` only for the area it wrote last): count() on
+    an area whose first part another process changed writes a checksum that parse() rejects."""
+    area = area_of([(0.01, "x")])
+    cold = add(area, waited=0.0, held=0.001, now=T0, label=None, pid=1, host="h")
+    other = bytearray(area)
+    add(other, waited=0.0, held=5.0, now=T0 + 1, label="slow", pid=2, host="elsewhere")  # a new longest hold
+    assert _stats.count(other, 0.0, 0.001, cold) == cold
+    assert parse(other) is None
+
+
 def test_add_speed(capsys: pytest.CaptureFixture[str]) -> None:
     """Measured and printed, never asserted (the target is 3 us per call on the VM the README names)."""
     area = area_of([(0.1, "x")])
