@@ -308,10 +308,13 @@ def stats_free_lock_class() -> Any:
     return NoStatsLock
 
 
-def no_stats_lock(store: Any, path: str) -> None:
-    """Switch the statistics off in ``store`` (see :func:`stats_free_lock_class`), keeping the holder record as
-    0.1.x wrote it."""
-    _plug(store, path, stats_free_lock_class())
+def stats_off(store: Any, path: str) -> None:
+    """Switch the statistics off in ``store`` and nothing else (its native lock, as is, with ``_statistics`` False):
+    the holder record, the waiters' header and the path resolution stay as they are."""
+    with store.transaction():
+        pass  # the native lock of the file exists once a transaction has run
+    for lock in store._core.storage._native.values():
+        lock._statistics = False
 
 
 class Lockstore(Competitor):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from _jobs import Floor, floor_write, make_value, no_record_lock, no_stats_lock, read_bytes, stats_free_lock_class
+from _jobs import Floor, floor_write, make_value, no_record_lock, read_bytes, stats_free_lock_class, stats_off
 
 Samples = dict[str, list[float]]
 
@@ -149,23 +149,27 @@ def large(root: str, size: int, n: int, repeats: int) -> Samples:
 
 
 def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Samples, Samples]:
-    """The lock file's bookkeeping per transaction, measured directly (the cycle lockstore does now against the one
-    of 0.1.x, and their parts), and as an A/B of whole transactions in one process: lockstore as is, without the
-    statistics (a SidecarLock subclass doing 0.1.x's record only), without any record, and the bare-syscall floor."""
+    """The lock file's bookkeeping per transaction, measured directly on the real lock code (as is, with the
+    statistics switched off, and with 0.1.x's bookkeeping), and as an A/B of whole transactions in one process:
+    lockstore as is, without the statistics, without any record, and the bare-syscall floor."""
     import lockstore
     from lockstore import _holder, _queue, _sidecar, _stats
 
-    # The real lock code, uncontended, on lock files of their own: SidecarLock as is, and the SidecarLock subclass
-    # whose _mark does 0.1.x's bookkeeping (pread 1 byte, the record, its blanking; no statistics, no queue header).
-    # The difference is what the statistics (and the waiters' header read with them) cost per transaction.
+    # The real lock code, uncontended, on lock files of their own: SidecarLock as is; the same with its statistics
+    # switched off (everything else identical: the difference is what the statistics cost); and the subclass whose
+    # _mark does 0.1.x's bookkeeping (pread 1 byte, the record, its blanking; no statistics, no waiters' header).
     owner = threading.get_ident()
     locks = {"now": _sidecar.SidecarLock(os.path.join(root, "holder-now.lock")),
+             "no statistics": _sidecar.SidecarLock(os.path.join(root, "holder-nostats.lock")),
              "0.1.x": stats_free_lock_class()(os.path.join(root, "holder-0.1.lock"))}
-    # A lock file as it is once some process has waited: the waiters' slots exist, so the pread gets all it asks for.
-    fd = os.open(locks["now"].lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    os.ftruncate(fd, _queue.END)
-    os.pwrite(fd, b" " * _sidecar.RECORD_MAX, 0)
-    os.close(fd)
+    locks["no statistics"]._statistics = False
+    for lock in (locks["now"], locks["no statistics"]):
+        # A lock file as it is once some process has waited: the waiters' slots exist, so the pread gets all it
+        # asks for.
+        fd = os.open(lock.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        os.ftruncate(fd, _queue.END)
+        os.pwrite(fd, b" " * _sidecar.RECORD_MAX, 0)
+        os.close(fd)
 
     def cycle(lock: Any) -> Callable[[], None]:
         def run() -> None:
@@ -190,6 +194,8 @@ def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Sam
         {
             "0.1.x: lock acquire + release, 0.1.x's record only (pread 1 B, record, blanking pwrite)":
                 block(cycle(locks["0.1.x"]), n),
+            "no statistics: the same, statistics switched off (pread 6160 B, record, blanking pwrite)":
+                block(cycle(locks["no statistics"]), n),
             "now: lock acquire + release as is (pread 6160 B, record, statistics, pwrite blanks + area)":
                 block(cycle(locks["now"]), n),
             "record() alone": block(lambda: _holder.record(None), n),
@@ -204,7 +210,7 @@ def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Sam
     closers: list[Callable[[], None]] = []
     for durable in (True, False):
         kind = "durable" if durable else "durable=False"
-        for variant, plug in (("as is", None), ("no statistics", no_stats_lock), ("no record", no_record_lock)):
+        for variant, plug in (("as is", None), ("no statistics", stats_off), ("no record", no_record_lock)):
             path = os.path.join(root, f"holder-{durable}-{variant.replace(' ', '-')}.json")
             floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
             store = lockstore.open(path, durable=durable)
