@@ -50,15 +50,17 @@ class LockTimeout(LockstoreError, Timeout):
     Attributes: ``lock_file`` (the sidecar path, or a server's lock key), ``path`` (the data file or target, or
     None), ``waited`` (seconds), ``holder`` (a :class:`lockstore.Holder`: who held the lock when the timeout fired,
     or None when not visible from here), ``holder_stale`` (a stale record of a killed holder is in the lock file),
-    ``hint`` (what to do, and not to do, about it).
+    ``hint`` (what to do, and not to do, about it), ``blocked_by`` (what kept the lock from this caller when no
+    holder can be named, e.g. another thread of this process using the same Store; or None).
     """
 
     def __init__(
         self, lock_file: str, waited: float, *, path: str | None = None, holder: Holder | None = None,
-        holder_stale: bool = False, hint: str | None = None,
+        holder_stale: bool = False, hint: str | None = None, blocked_by: str | None = None,
     ) -> None:
         Timeout.__init__(self, lock_file)
         self.waited = waited
+        self.blocked_by = blocked_by
         self.path = path
         self.holder = holder
         self.holder_stale = holder_stale
@@ -72,6 +74,8 @@ class LockTimeout(LockstoreError, Timeout):
         text = f"timed out after {self.waited:.1f} s waiting for lock on {target}"
         if self.holder is not None:
             text += ": " + self.holder.describe()
+        elif self.blocked_by is not None:
+            text += ": " + self.blocked_by
         else:
             text += ": the holder is not visible from here (another host or PID namespace) and left no record"
         if self.holder_stale:

@@ -450,8 +450,9 @@ class SidecarLock:
                                               pid=os.getpid(), host=_HOST, timeouts=slot.timed_out,
                                               cold=slot.cold if mine else None)
                             slot.timed_out = []
-                        slot.cold = cold
-                        slot.written = bytes(area)
+                        if cold >= 0:  # else a newer format's area, left alone: never ours to count into
+                            slot.cold = cold
+                            slot.written = bytes(area)
                     os.pwrite(slot.fds[0], _BLANKS + area, 0)
                 elif record_len:
                     os.pwrite(slot.fds[0], b" " * record_len, 0)

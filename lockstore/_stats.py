@@ -124,7 +124,8 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
 
     Returns the CRC-32 of the area's first part (before the counts every acquisition changes). A caller that knows
     ``area`` holds exactly the bytes it wrote last passes that value back as ``cold``: the area is then not checked
-    again (the check hashes the whole area; it costs a third of the call).
+    again (the check hashes the whole area; it costs a third of the call). Returns -1 when the area is of a newer
+    format and was left alone: it is not this version's to count into, ever (do not pass it as ``cold``).
     """
     # The checksum is computed in two parts: the part before _HOT_AT changes only with a new longest hold or
     # timeouts, so its CRC, computed once for the check, is where the new checksum starts from.
@@ -134,7 +135,7 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
         if len(area) != SIZE or not area.startswith(_PREFIX) or _crc32(view[_HOT_AT:], cold) != _RESIDUE:
             view.release()  # a resize needs no views of the bytearray
             if _newer(area):
-                return _crc32(area[:_HOT_AT])
+                return -1
             area[:] = fresh(now)
             view = memoryview(area)
             cold = _crc32(view[:_HOT_AT])

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 from ._backend import Stored
 from ._block import entered_by_with, running
 from ._error import CorruptStoreError, DurabilityUnknownError, LockReentryError, LockTimeout, SerializationError
-from ._owners import FORKS, OwnerLock, Ticket, at_fork, blocks_this_loop, current_owner, generation, run_deferred
+from ._owners import FORKS, OwnerLock, Ticket, at_fork, conflicts, current_owner, generation, run_deferred
 from ._savepoint import Savepoint
 
 if TYPE_CHECKING:
@@ -139,6 +139,8 @@ def _left_here(txn: Transaction[Any], frame: FrameType) -> None:
 #: What a transaction does: run a block (refresh, write if changed) or write the store's value (``commit()``).
 BLOCK: Final = 0
 COMMIT: Final = 1
+#: The least a transaction holding the lock waits for another thread's step on the same Store (see _guarded).
+GUARD_GRACE: Final = 1.0
 
 
 class Core(Generic[T]):
@@ -257,11 +259,15 @@ class Core(Generic[T]):
     def take_guard(self, ticket: Ticket, timeout: float) -> None:
         """Wait (up to ``timeout``) until no other owner's transaction uses this Store."""
         other = self.guard.owner()
-        if other is not None and blocks_this_loop(other):
+        if other is not None and conflicts(other, ticket.owner):
+            # This very thread (a signal handler inside its reload()) or this event loop's task: it would wait for
+            # itself.
             raise LockReentryError(self.storage.lock_name or self.storage.target)
         if not self.guard.take(ticket, timeout):
             raise LockTimeout(self.storage.lock_name or self.storage.target, timeout, path=self.storage.target,
-                              holder=None)
+                              holder=None, hint="", blocked_by=(
+                                  "another thread of this process was using this Store (its transaction, reload() "
+                                  "or commit()) for the whole wait"))
 
 
 class Transaction(Generic[T]):
@@ -309,10 +315,13 @@ class Transaction(Generic[T]):
             self.store.value = self.savepoint.restore()
 
     def _guarded(self) -> None:
-        """Holding the storage's lock: take the Store (waiting only for another thread's short ``reload()``)."""
+        """Holding the storage's lock: take the Store. Another thread can have it now only for a bounded step that
+        waits for no lock (its ``reload()``, or the end of its own transaction's release), so even a short timeout
+        waits for that step, up to ``GUARD_GRACE``: a transaction that got the lock does not fail because of it."""
         core = self.core
         ticket = self.guard_ticket = Ticket(self.owner, self)
-        core.take_guard(ticket, self.timeout)
+        timeout = self.timeout
+        core.take_guard(ticket, timeout if timeout < 0 or timeout >= GUARD_GRACE else GUARD_GRACE)
         core.active = self
 
     def _refreshed(self, stored: Stored | None) -> CorruptStoreError | None:

@@ -119,6 +119,109 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
     assert lockstore.read(p)["n"] == 400
 
 
+class _SlowLoads:
+    """JSON whose decoding takes ``delay`` seconds while ``slow`` is set (a large value's reload, made long)."""
+
+    def __init__(self) -> None:
+        self.slow = threading.Event()
+        self.started = threading.Event()
+        self.delay = 0.3
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> Any:
+        if self.slow.is_set() and threading.current_thread() is not threading.main_thread():
+            self.started.set()
+            time.sleep(self.delay)
+        return json.loads(data)
+
+
+def _reload_in_a_thread(store: lockstore.Store[Any], fmt: _SlowLoads) -> threading.Thread:
+    with lockstore.open(store.path, default={"n": 0}).transaction() as o:  # changed behind the store's back: the
+        o.value["n"] += 0                                                    # reload decodes it again
+        o.value["other"] = True
+    fmt.slow.set()
+    thread = threading.Thread(target=store.reload)
+    thread.start()
+    assert fmt.started.wait(DEADLINE)  # the other thread is inside reload(): it has the Store's turn
+    return thread
+
+
+def test_a_transaction_that_got_the_lock_waits_for_another_threads_reload_even_with_timeout_0(
+        tmp_path: Path) -> None:
+    """timeout=0 means "do not wait for another holder of the lock". Another thread's reload() holds no lock, only
+    the Store's turn for a moment: a transaction that got the lock waits for that moment instead of failing with a
+    LockTimeout that blamed a holder "not visible from here (another host or PID namespace)"."""
+    p = tmp_path / "d.json"
+    fmt = _SlowLoads()
+    store = lockstore.open(p, default={"n": 0}, format=fmt, durable=False)
+    thread = _reload_in_a_thread(store, fmt)
+    try:
+        with store.transaction(timeout=0) as s:
+            s.value["n"] += 1
+    finally:
+        thread.join(DEADLINE)
+    assert lockstore.read(p) == {"n": 1, "other": True}
+    stats = store.stats()
+    assert stats is not None and stats.acquisitions == 2 and stats.timeouts == 0
+
+
+def test_a_reload_longer_than_the_grace_gives_a_timeout_that_names_this_process(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    fmt = _SlowLoads()
+    fmt.delay = 1.5
+    store = lockstore.open(p, default={"n": 0}, format=fmt, durable=False)
+    thread = _reload_in_a_thread(store, fmt)
+    try:
+        with pytest.raises(lockstore.LockTimeout) as caught, store.transaction(timeout=0):
+            pass
+    finally:
+        thread.join(DEADLINE)
+    text = str(caught.value)
+    assert "another thread of this process" in text and "another host" not in text, text
+    assert lockstore.read(p) == {"n": 0, "other": True}
+    with store.transaction(timeout=0) as s:  # nothing left held
+        s.value["n"] += 1
+    assert lockstore.read(p) == {"n": 1, "other": True}
+
+
+def test_a_transaction_inside_the_same_threads_reload_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    """A signal handler (here: a format hook) running a transaction while its own thread is inside reload(): the
+    Store's turn is this very thread's, so waiting for it would wait for itself (forever with timeout=-1)."""
+    p = tmp_path / "d.json"
+    seen: list[BaseException] = []
+
+    class Reentrant:
+        inside = False
+
+        def dumps(self, value: Any) -> bytes:
+            return json.dumps(value).encode()
+
+        def loads(self, data: bytes) -> Any:
+            if self.inside:
+                self.inside = False
+                started = time.monotonic()
+                try:
+                    with store.transaction(timeout=5):
+                        pass
+                except BaseException as exc:
+                    seen.append(exc)
+                assert time.monotonic() - started < 2.5
+            return json.loads(data)
+
+    fmt = Reentrant()
+    store = lockstore.open(p, default={"n": 0}, format=fmt, durable=False)
+    with lockstore.open(p, default={"n": 0}).transaction() as o:  # changed: the reload decodes it again
+        o.value["n"] = 1
+    fmt.inside = True
+    store.reload()
+    assert len(seen) == 1 and isinstance(seen[0], lockstore.LockReentryError), seen
+    with store.transaction(timeout=0) as s:  # nothing left held
+        s.value["n"] += 1
+    assert lockstore.read(p) == {"n": 2}
+
+
 def test_a_thread_timing_out_on_the_stores_turn_leaves_the_holders_descriptors_alone(tmp_path: Path) -> None:
     """A thread whose wait for the Store's turn times out must not touch the descriptors the holding thread reads
     and writes through (it used to close the holder's retired pin, and in an unlucky moment the descriptor being

@@ -241,6 +241,29 @@ def test_newer_format_is_left_alone_and_reset_replaces_it() -> None:
     assert stats_of(fresh(T0)).acquisitions == 0  # what --reset writes over anything
 
 
+@pytest.mark.parametrize("size", [SIZE, 2048])
+def test_a_newer_format_in_a_lock_file_is_left_alone_by_every_transaction(tmp_path: Path, size: int) -> None:
+    """Not only by the first release: the second one found the same bytes it had "written" and counted into them
+    with the fast path (a newer area of the same size got our counts, a larger one a wrong checksum)."""
+    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
+    with store.transaction():
+        pass
+    newer = _valid_area()
+    struct.pack_into("<HH", newer, 8, _stats.VERSION + 1, size)
+    newer = resealed(newer)
+    lock_file = str(tmp_path / "d.json.lock")
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(newer), _stats.OFFSET)
+        for _ in range(3):
+            with store.transaction() as s:
+                s.value += 1
+            assert os.pread(fd, SIZE, _stats.OFFSET) == bytes(newer)
+    finally:
+        os.close(fd)
+    assert lockstore.read(tmp_path / "d.json") == 3
+
+
 def test_a_count_about_to_overflow_halves_its_histogram() -> None:
     area = area_of([(0.0003, None)] * 3 + [(0.05, None)])
     quick = stats_of(area).hold.counts.index(3)
