@@ -20,6 +20,10 @@ holder rewrites both in one ``pwrite`` at its release, so nothing a waiter write
   later start than the true oldest, which only delays a hand-over until the oldest waiter rewrites it.
 - ``SLOTS`` slots of ``SLOT`` bytes from 8192: a JSON record padded with spaces, or blanks when free. A waiter
   takes the first free slot after ``hash(pid)``; a killed waiter's slot is taken over once its process is gone.
+  Two waiters reading the slots at once could pick the same free one (and the one that got the lock would then
+  blank the other's timed-out mark), so a waiter first claims its slot with an OFD byte-range lock on the slot's
+  bytes (Linux; ``flock`` and these locks do not see each other), held until it withdraws, and reads the slot again
+  under the claim. A process that dies gives its claims back with its descriptors.
 
 A waiter that times out leaves its slot marked "timed out" (its wait, its timeout, its label) and sets the flag;
 the next holder sees the flag in what it reads anyway, collects the marks into the statistics and clears them. So
@@ -31,11 +35,19 @@ diagnostics and the hand-over, never the lock.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
 import time
 from typing import TYPE_CHECKING, Any, Final
+
+try:
+    import fcntl
+
+    _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+except ImportError:  # pragma: no cover - not Unix
+    _OFD_SETLK = None
 
 from . import _holder
 
@@ -53,6 +65,8 @@ END: Final = FIRST_SLOT + SLOT * SLOTS
 #: A wait longer than this makes the holder hand the lock over at its release instead of barging back in.
 STARVE_AFTER: Final = 0.002
 _BLANK: Final = b" " * SLOT
+#: struct flock (l_type, l_whence, l_start, l_len, l_pid), native layout; l_pid must be 0 for an OFD lock.
+_FLOCK: Final = struct.Struct("hhqqi")
 
 
 def state(data: bytes) -> tuple[float, bool]:
@@ -101,6 +115,12 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
             chunk = slots[index * SLOT : index * SLOT + SLOT]
             if chunk.strip(b" \0") and not _reusable(chunk, pid):
                 continue
+            if not _claim(fd, index):
+                continue  # another waiter's, announced since our read
+            chunk = os.pread(fd, SLOT, FIRST_SLOT + index * SLOT)
+            if chunk.strip(b" \0") and not _reusable(chunk, pid):
+                _unclaim(fd, index)
+                continue
             os.pwrite(fd, record.ljust(SLOT), FIRST_SLOT + index * SLOT)
             head = os.pread(fd, _HEAD.size, HEADER)
             current = oldest(head)
@@ -123,6 +143,7 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
             os.pwrite(fd, _FLAG.pack(1), HEADER + 4)
         else:
             os.pwrite(fd, _BLANK, FIRST_SLOT + announcement.index * SLOT)
+        _unclaim(fd, announcement.index)  # after the mark is written: nobody takes the slot before it is counted
         if oldest(os.pread(fd, _HEAD.size, HEADER)) == announcement.since:
             remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
             os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
@@ -167,15 +188,40 @@ def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, floa
 
 
 def _reusable(chunk: bytes, pid: int) -> bool:
-    """A slot holding a record of this very process (left by an interrupted wait) or of a process that is gone."""
+    """A slot holding a record of this very process (left by an interrupted wait) or of a process that is gone;
+    never a timed-out mark, which waits for the next holder to count it even when its process is gone."""
     try:
         raw: dict[str, Any] = json.loads(chunk)
-        if int(raw["pid"]) == pid and "timed_out" not in raw:
+        if "timed_out" in raw:
+            return False
+        if int(raw["pid"]) == pid:
             return True
     except (ValueError, KeyError, TypeError):
         return True  # not a record of ours: overwrite it
-    holder = _holder.parse(chunk)  # a timed-out mark waits for the next holder, unless its process is gone
+    holder = _holder.parse(chunk)
     return holder is None or holder.alive is False
+
+
+def _claim(fd: int, index: int) -> bool:
+    """Claim slot ``index`` for this open file description (an OFD write lock on its bytes, not waited for);
+    False when another holds it. Without OFD locks (not Linux, or a file system that refuses them) the slot is
+    taken unclaimed, as before."""
+    if _OFD_SETLK is None:
+        return True
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, FIRST_SLOT + index * SLOT, SLOT, 0))
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EACCES)
+    return True
+
+
+def _unclaim(fd: int, index: int) -> None:
+    if _OFD_SETLK is None:
+        return
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, FIRST_SLOT + index * SLOT, SLOT, 0))
+    except OSError:
+        pass
 
 
 def _records(slots: bytes) -> list[Holder]:

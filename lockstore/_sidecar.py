@@ -52,6 +52,8 @@ _HEAD: Final = _queue.HEADER + 16
 #: While handing the lock over, how often the releaser looks whether the starving waiter has taken it.
 _HANDOFF_POLL: Final = 0.00005
 _BLANKS: Final = b" " * RECORD_MAX
+#: How many times stats() reads an area whose checksum is wrong before it gives up (see stats()).
+_TORN_READS: Final = 5
 _HOST: Final = _holder._host_name()
 
 
@@ -541,8 +543,17 @@ class SidecarLock:
 
     def stats(self) -> LockStats | None:
         """The lock file's statistics, read without the lock (None when there are none yet)."""
-        found = self._probe_read(_stats.OFFSET + _stats.SIZE)
-        return None if found is None else _stats.parse(found[0][_stats.OFFSET :])
+        for _ in range(_TORN_READS):
+            found = self._probe_read(_stats.OFFSET + _stats.SIZE)
+            if found is None:
+                return None
+            area = found[0][_stats.OFFSET :]
+            parsed = _stats.parse(area)
+            if parsed is not None or not area.startswith(_stats.MAGIC):
+                return parsed
+            # Our format with a wrong checksum: most likely read while a holder rewrote it (a read without the
+            # lock is not atomic against a write); read again.
+        return None
 
     def reset_stats(self, owner: object, *, timeout: float, poll_interval: float) -> None:
         """Start the statistics afresh: taken under the lock, written at its release."""

@@ -201,3 +201,79 @@ def test_a_timed_out_waiter_that_exits_at_once_is_counted_by_the_next_holder(
         s.value["n"] += 1
     again = store.stats()
     assert again is not None and again.timeouts == 1 and again.acquisitions == stats.acquisitions + 1
+
+
+def test_two_waiters_never_share_a_slot_so_a_timeout_mark_is_never_blanked_by_the_other(tmp_path: Path) -> None:
+    """Announcing needs no lock: two waiters that read the slots at once could pick the same free one, and the one
+    that got the lock then blanked the other's timed-out mark (a lost timeout). Here the two waits come from two
+    open file descriptions of this process, whose own earlier record counts as free: the race, made certain.
+    Each slot is claimed with a byte-range lock of the open file description before it is written."""
+    lock_file = str(tmp_path / "d.json.lock")
+    first = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    second = os.open(lock_file, os.O_RDWR)
+    try:
+        a = _queue.announce(first, "a", 1.0)
+        b = _queue.announce(second, "b", 1.0)
+        assert a is not None and b is not None
+        assert a.index != b.index
+        _queue.withdraw(a, b'{"pid": 1, "timeout": 1.0, "timed_out": [1.0, 2.0]}')  # a timed out
+        _queue.withdraw(b)  # b got the lock
+        marks = _queue.collect_timed_out(first)
+        assert [(waited, timeout) for waited, timeout, *_ in marks] == [(1.0, 1.0)]
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+def test_a_dead_waiters_timeout_mark_is_not_taken_over_before_it_is_counted(tmp_path: Path) -> None:
+    """A mark outlives its process on purpose (the cron case): its slot is not free until a holder counted it."""
+    lock_file = str(tmp_path / "d.json.lock")
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        gone = subprocess.run([sys.executable, "-c", "import sys; from lockstore import _holder; "
+                               "sys.stdout.write(_holder.waiter_record('x', 1.0, 0.5, waited=0.5).decode())"],
+                              capture_output=True, text=True, check=True)  # its process has exited
+        mark = gone.stdout.encode()
+        for index in range(_queue.SLOTS):
+            os.pwrite(fd, mark.ljust(_queue.SLOT), _queue.FIRST_SLOT + index * _queue.SLOT)
+        assert _queue.announce(fd, "late", 1.0) is None  # every slot holds an uncounted mark: not announced
+        assert len(_queue.collect_timed_out(fd)) == _queue.SLOTS
+        assert _queue.announce(fd, "late", 1.0) is not None
+    finally:
+        os.close(fd)
+
+
+_TRY_OFTEN = """
+import sys, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+ok = timed_out = 0
+for i in range(int(sys.argv[2])):
+    try:
+        with store.transaction(timeout=0 if i % 3 == 0 else None) as s:
+            s.value["n"] += 1
+        ok += 1
+    except lockstore.LockTimeout:
+        timed_out += 1
+print(ok, timed_out)
+"""
+
+
+def test_every_timeout_of_racing_waiters_is_counted_exactly(data_file: str) -> None:
+    """Three processes, every third attempt with timeout=0 (tried once): every LockTimeout they saw is in the
+    statistics once another process took the lock (two waiters announcing at once used to share a slot, and one
+    blanked the other's mark)."""
+    workers = [spawn_script(_TRY_OFTEN, data_file, "700") for _ in range(3)]
+    results = []
+    for proc in workers:
+        out, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+        results.append(tuple(int(x) for x in out.split()))
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with store.transaction():  # the next holder counts the marks left after the workers' last acquisitions
+        pass
+    ok, timed_out = (sum(r[i] for r in results) for i in (0, 1))
+    stats = store.stats()
+    assert stats is not None
+    assert timed_out > 50  # they did race
+    assert (stats.acquisitions, stats.timeouts) == (ok + 1, timed_out)
+    assert lockstore.read(data_file) == {"n": ok}

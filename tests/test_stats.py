@@ -622,3 +622,34 @@ def test_e2e_cli_reset_takes_the_lock(data_file: str) -> None:
     assert _cli(data_file, "--reset", "-w", "5").returncode == 0
     after = _stats_now(data_file)
     assert after is not None and after.acquisitions == 0
+
+
+def test_stats_read_again_when_the_area_was_torn_by_a_holders_write(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """stats() reads without the lock, and a read is not atomic against the holder's pwrite: a torn area (our magic,
+    a wrong checksum) is read again rather than reported as "no statistics". Negative control: an area that stays
+    torn still gives None."""
+    from lockstore import _sidecar
+
+    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
+    with store.transaction():
+        pass
+    storage: Any = store._core.storage  # white box: the native lock of the file
+    lock = storage._native[str(tmp_path / "d.json.lock")]
+    real = lock._probe_read
+    torn_left = [2]
+
+    def probe(size: int) -> Any:
+        found = real(size)
+        if torn_left[0] and found is not None:
+            torn_left[0] -= 1
+            data = bytearray(found[0])
+            data[_stats.OFFSET + _stats._HOT_AT] ^= 0x01  # half-written counts
+            return bytes(data), found[1], found[2]
+        return found
+
+    monkeypatch.setattr(lock, "_probe_read", probe)
+    stats = store.stats()
+    assert stats is not None and stats.acquisitions == 1 and torn_left == [0]
+    torn_left[0] = _sidecar._TORN_READS
+    assert store.stats() is None
