@@ -101,26 +101,35 @@ class Announcement:
 
 
 def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
-    """Write this process's waiter record into a free slot and the header; None when it cannot."""
+    """Write this process's waiter record into a free slot and the header; None when it cannot.
+
+    Interrupted (a signal handler's exception), it gives the slot back before the exception goes on: the caller
+    never got the announcement, so nobody would withdraw it, and a wait left announced makes every holder hand the
+    lock over to nobody."""
     since = time.time()
     record = _holder.waiter_record(label, since, timeout)
     if len(record) > SLOT:
         return None
+    index = -1
+    written = False
     try:
         slots = os.pread(fd, SLOT * SLOTS, FIRST_SLOT)
         pid = os.getpid()
         start = hash(pid) % SLOTS
         for i in range(SLOTS):
-            index = (start + i) % SLOTS
-            chunk = slots[index * SLOT : index * SLOT + SLOT]
+            chunk = slots[((start + i) % SLOTS) * SLOT : ((start + i) % SLOTS) * SLOT + SLOT]
             if chunk.strip(b" \0") and not _reusable(chunk, pid):
                 continue
+            index = (start + i) % SLOTS  # set before the claim: the cleanup below gives back what it may hold
             if not _claim(fd, index):
+                index = -1
                 continue  # another waiter's, announced since our read
             chunk = os.pread(fd, SLOT, FIRST_SLOT + index * SLOT)
             if chunk.strip(b" \0") and not _reusable(chunk, pid):
                 _unclaim(fd, index)
+                index = -1
                 continue
+            written = True  # before the write: blanking a slot we claimed is harmless, a record left is not
             os.pwrite(fd, record.ljust(SLOT), FIRST_SLOT + index * SLOT)
             head = os.pread(fd, _HEAD.size, HEADER)
             current = oldest(head)
@@ -129,8 +138,29 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
                 os.pwrite(fd, struct.pack("<d", since), HEADER + 8)
             return Announcement(fd, index, since)
     except OSError:
-        pass
+        if written:
+            return Announcement(fd, index, since)  # in its slot; only the header could not be updated
+        if index >= 0:
+            _unclaim(fd, index)
+    except BaseException:
+        if index >= 0:
+            try:
+                _give_back(fd, index, written)
+            except BaseException:
+                _give_back(fd, index, written)  # an interrupt cut the first call short
+                raise
+        raise
     return None
+
+
+def _give_back(fd: int, index: int, written: bool) -> None:
+    try:
+        if written:
+            os.pwrite(fd, _BLANK, FIRST_SLOT + index * SLOT)
+    except OSError:
+        pass
+    finally:
+        _unclaim(fd, index)
 
 
 def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None:
@@ -138,12 +168,19 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
     it was the oldest wait, put the next oldest (or none) into the header."""
     fd = announcement.fd
     try:
-        if timed_out is not None and len(timed_out) <= SLOT:
-            os.pwrite(fd, timed_out.ljust(SLOT), FIRST_SLOT + announcement.index * SLOT)
-            os.pwrite(fd, _FLAG.pack(1), HEADER + 4)
-        else:
-            os.pwrite(fd, _BLANK, FIRST_SLOT + announcement.index * SLOT)
-        _unclaim(fd, announcement.index)  # after the mark is written: nobody takes the slot before it is counted
+        try:
+            if timed_out is not None and len(timed_out) <= SLOT:
+                os.pwrite(fd, timed_out.ljust(SLOT), FIRST_SLOT + announcement.index * SLOT)
+                os.pwrite(fd, _FLAG.pack(1), HEADER + 4)
+            else:
+                os.pwrite(fd, _BLANK, FIRST_SLOT + announcement.index * SLOT)
+        finally:
+            # After the mark is written (nobody takes the slot before it is counted), and even if that failed.
+            try:
+                _unclaim(fd, announcement.index)
+            except BaseException:
+                _unclaim(fd, announcement.index)  # an interrupt cut the first call short
+                raise
         if oldest(os.pread(fd, _HEAD.size, HEADER)) == announcement.since:
             remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
             os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)

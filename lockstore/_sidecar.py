@@ -290,16 +290,27 @@ class SidecarLock:
         except _TimedOut:
             announcement = held.announced[-1] if final and held.announced else None
             if announcement is not None:
-                held.announced.pop()
                 mark = _holder.waiter_record(label, announcement.since, timeout, waited=time.monotonic() - start)
                 _queue.withdraw(announcement, mark)
+                held.announced.pop()  # after the withdrawal: interrupted before it, the cleanup below withdraws
                 held.counted = True
             raise
         finally:
-            while held.announced:
-                announcement = held.announced.pop()
-                if announcement is not None:
-                    _queue.withdraw(announcement)
+            try:
+                self._withdraw_all(held)
+            except BaseException:
+                self._withdraw_all(held)  # an interrupt cut the first call short
+                raise
+
+    @staticmethod
+    def _withdraw_all(held: Held) -> None:
+        """Withdraw the wait's announcements. Each leaves the list only once withdrawn (withdrawing twice is
+        harmless): an announcement dropped unwithdrawn would make every holder hand the lock over to nobody."""
+        while held.announced:
+            announcement = held.announced[-1]
+            if announcement is not None:
+                _queue.withdraw(announcement)
+            held.announced.pop()
 
     def _wait_in_kernel(self, slot: Slot, fd: int, start: float, timeout: float, poll_interval: float) -> None:
         if CAN_BLOCK and timeout < 0:
@@ -369,7 +380,9 @@ class SidecarLock:
         if self._statistics:
             slot.area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
         slot.oldest_wait, marked = _queue.state(head)
-        if marked:
+        if marked and slot.area is not None and not _stats.newer(slot.area):
+            # Taken out of the lock file only by a holder that will count them: a newer lockstore's area is left
+            # alone (see _stats.add), and so are its marks.
             slot.timed_out.extend(TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
         # that follows reports the disk's state and names the data file).

@@ -10,7 +10,7 @@ process that timed out does not hold the lock, so it reports its timeouts at its
 bytes or another tool's are not an area of this format: :func:`add` starts a fresh one, :func:`parse` returns None.
 An area of a *newer* format is left alone (a lockstore of the next version running beside this one must not have
 its statistics reset at every transaction of ours; later versions keep the first 12 bytes' meaning and the checksum
-at their end, see :func:`_newer`); :func:`fresh` (``lockstore stats --reset``) replaces anything.
+at their end, see :func:`newer`); :func:`fresh` (``lockstore stats --reset``) replaces anything.
 
 Layout (little-endian, every 8-byte field at a multiple of 8, ``SIZE`` = 1056 bytes from ``OFFSET`` = 4096)::
 
@@ -134,7 +134,7 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
         cold = _crc32(view[:_HOT_AT]) if len(area) >= _HOT_AT else 0
         if len(area) != SIZE or not area.startswith(_PREFIX) or _crc32(view[_HOT_AT:], cold) != _RESIDUE:
             view.release()  # a resize needs no views of the bytearray
-            if _newer(area):
+            if newer(area):
                 return -1
             area[:] = fresh(now)
             view = memoryview(area)
@@ -235,7 +235,7 @@ def parse(area: bytes | bytearray | memoryview) -> LockStats | None:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _newer(area: bytearray) -> bool:
+def newer(area: bytearray) -> bool:
     """Whether ``area`` is lockstore's area of a later format version, which this version must not reset.
 
     Later versions keep the magic, the version and their size in the first 12 bytes and a CRC-32 over their size in
@@ -312,4 +312,4 @@ def _add_timeouts(area: bytearray, timeouts: Sequence[TimedOut]) -> None:
     _TIMEOUTS.pack_into(area, _TIMEOUTS_AT, count, smallest, largest)
 
 
-__all__ = ["OFFSET", "SIZE", "add", "fresh", "parse"]
+__all__ = ["OFFSET", "SIZE", "add", "count", "fresh", "newer", "parse"]

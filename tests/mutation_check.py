@@ -60,8 +60,13 @@ MUTATIONS = [
     M("a replaced lock file is not noticed", "_sidecar.py", "            if self._still_the_lock_file(slot):\n",
       "            if True:\n", ("tests/test_lock.py",)),
     M("announcements not withdrawn", "_sidecar.py",
-      "                if announcement is not None:\n                    _queue.withdraw(announcement)\n",
-      "                pass\n", ("tests/test_queue.py", "tests/test_stats.py", "tests/test_holder.py")),
+      "            if announcement is not None:\n                _queue.withdraw(announcement)\n",
+      "            pass\n", ("tests/test_queue.py", "tests/test_stats.py", "tests/test_holder.py")),
+    M("an announcement dropped before it is withdrawn", "_sidecar.py",
+      "            announcement = held.announced[-1]\n            if announcement is not None:\n"
+      "                _queue.withdraw(announcement)\n            held.announced.pop()\n",
+      "            announcement = held.announced.pop()\n            if announcement is not None:\n"
+      "                _queue.withdraw(announcement)\n", (SIGNALS + "::test_interrupt_anywhere_in_announcing_or_withdrawing_a_wait_leaves_no_announcement",)),
     M("a timed-out request stays queued", "_owners.py",
       "                if deadline is not None and time.monotonic() >= deadline:\n"
       "                    self._remove(ticket)\n", "                if deadline is not None and time.monotonic() >= deadline:\n",
@@ -139,6 +144,12 @@ MUTATIONS = [
     M("a torn statistics area not read again", "_sidecar.py",
       "            if parsed is not None or not area.startswith(_stats.MAGIC):\n",
       "            if True:\n", ("tests/test_stats.py",)),
+    M("an interrupted announcement not given back", "_queue.py",
+      "    except BaseException:\n        if index >= 0:\n", "    except BaseException:\n        if False:\n",
+      (SIGNALS + "::test_interrupt_anywhere_in_announcing_or_withdrawing_a_wait_leaves_no_announcement",)),
+    M("marks taken by a holder that will not count them", "_sidecar.py",
+      "        if marked and slot.area is not None and not _stats.newer(slot.area):\n",
+      "        if marked:\n", ("tests/test_queue.py",)),
     M("a stale oldest wait never repaired", "_sidecar.py", "                    _queue.repair_oldest(fd)\n",
       "                    pass\n", (REPROS,)),
     M("a waiter left in the kernel not adopted", "_sidecar.py",

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -277,3 +278,29 @@ def test_every_timeout_of_racing_waiters_is_counted_exactly(data_file: str) -> N
     assert timed_out > 50  # they did race
     assert (stats.acquisitions, stats.timeouts) == (ok + 1, timed_out)
     assert lockstore.read(data_file) == {"n": ok}
+
+
+def test_a_holder_that_cannot_count_timeouts_leaves_their_marks_for_one_that_can(tmp_path: Path) -> None:
+    """A newer lockstore's statistics area is left alone by this version, so this version must not take the
+    timed-out marks either: they are the newer version's to count."""
+    from lockstore import _stats
+
+    store = lockstore.open(tmp_path / "d.json", default=0, durable=False)
+    with store.transaction():
+        pass
+    lock_file = str(tmp_path / "d.json.lock")
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        area = bytearray(os.pread(fd, _stats.SIZE, _stats.OFFSET))
+        area[8:10] = (_stats.VERSION + 1).to_bytes(2, "little")  # the same layout, a later version
+        area[_stats.SIZE - 4 :] = zlib.crc32(bytes(area[: _stats.SIZE - 4])).to_bytes(4, "little")
+        os.pwrite(fd, bytes(area), _stats.OFFSET)
+        assert _stats.newer(area)
+        announcement = _queue.announce(fd, "impatient", 0.1)
+        assert announcement is not None
+        _queue.withdraw(announcement, b'{"pid": 1, "timeout": 0.1, "timed_out": [0.1, 2.0]}')
+        with store.transaction() as s:
+            s.value += 1
+        assert len(_queue.collect_timed_out(fd)) == 1  # still there for the newer version
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ import fcntl
 import gc
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from _children import Child
 from _interrupt import inject
 
 import lockstore
-from lockstore import _os, _txn
+from lockstore import _os, _queue, _txn
 
 
 def fds() -> int:
@@ -79,6 +80,7 @@ def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_f
         problems.append(f"{where}: {fds() - baseline_fds:+d} descriptors (leaked or closed twice)")
     if waiter_threads() > 1:
         problems.append(f"{where}: {waiter_threads()} waiter threads")
+    problems += _slots_left(str(path) + ".lock", where)
     stats = store.stats()
     if stats is None or stats.since != STATS_SINCE.get(str(path), stats.since):
         # Statistics are best effort under interrupts (a count may be missed), but an area left with a wrong
@@ -88,6 +90,26 @@ def check_after(store: lockstore.Store[Any], path: Path, before: int, baseline_f
 
 
 STATS_SINCE: dict[str, float] = {}  # the statistics' start, per walked file
+
+
+def _slots_left(lock_file: str, where: str) -> list[str]:
+    """A waiter slot still holding this process's record, or still claimed, once nothing waits: a wait left
+    announced makes every holder hand the lock over to nobody, a claim keeps other processes out of the slot."""
+    problems: list[str] = []
+    fd = os.open(lock_file, os.O_RDWR)  # an open file description of its own: our claims conflict with it
+    try:
+        slots = os.pread(fd, _queue.SLOT * _queue.SLOTS, _queue.FIRST_SLOT)
+        mine = f'"pid": {os.getpid()},'.encode()
+        for index in range(len(slots) // _queue.SLOT):
+            if mine in slots[index * _queue.SLOT : (index + 1) * _queue.SLOT]:
+                problems.append(f"{where}: waiter slot {index} still holds this process's record")
+            if not _queue._claim(fd, index):
+                problems.append(f"{where}: waiter slot {index} is still claimed")
+            else:
+                _queue._unclaim(fd, index)
+    finally:
+        os.close(fd)
+    return problems
 
 
 POINTS: dict[str, int] = {}
@@ -480,6 +502,36 @@ def test_interrupt_anywhere_in_a_contended_wait(tmp_path: Path) -> None:
         points, problems = walk(path, store, contended)
     assert problems == []
     assert points > 50
+
+
+def test_interrupt_anywhere_in_announcing_or_withdrawing_a_wait_leaves_no_announcement(tmp_path: Path) -> None:
+    # A wait left announced in the lock file (a record of a live process) makes every holder hand the lock over to
+    # nobody, 2 ms per transaction, for as long as this process lives; a slot left claimed keeps other processes
+    # out of it. An interrupt anywhere in the announcement or its withdrawal must leave neither.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False, timeout=10)
+    store.commit()
+    holder = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+              "print('held', flush=True)\ntime.sleep(0.2)\n")
+
+    def contended() -> None:
+        with subprocess.Popen([sys.executable, "-c", holder, str(path) + ".lock"], stdout=subprocess.PIPE,
+                              text=True) as child:
+            assert child.stdout is not None and child.stdout.readline().strip() == "held"
+            with store.transaction() as s:
+                s.value["n"] += 1
+
+    problems: list[str] = []
+    walked = 0
+    for within in ("announce", "withdraw"):
+        for k in range(1, 200):
+            fired, raised, where = inject(k, contended, within=within)
+            if not fired:
+                walked += k - 1
+                break
+            problems += _slots_left(str(path) + ".lock", f"k={k} {where} -> {raised}")
+    assert problems == []
+    assert walked > 10
 
 
 def test_interrupt_in_the_standard_library_while_handing_a_wait_to_the_waiter_thread(tmp_path: Path) -> None:
