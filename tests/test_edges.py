@@ -101,7 +101,7 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
 
     def worker(i: int) -> None:
         try:
-            for _ in range(100):
+            for _ in range(400):
                 with store.transaction() as s:
                     s.value["n"] += 1
                 if i == 0:
@@ -111,12 +111,17 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(DEADLINE)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch often: the races this guards against show in every run
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+    finally:
+        sys.setswitchinterval(interval)
     assert not errors
-    assert lockstore.read(p)["n"] == 400
+    assert lockstore.read(p)["n"] == 1600
 
 
 class _SlowLoads:
@@ -303,17 +308,21 @@ async def _sync_commit(store: lockstore.Store[Any]) -> None:
 _INCREMENTER = """
 import sys, lockstore
 store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False, timeout=-1)
+pause = int(sys.argv[3]) if len(sys.argv) > 3 else -1
 print("ready", flush=True)
 sys.stdin.readline()
-for _ in range(int(sys.argv[2])):
+for i in range(int(sys.argv[2])):
+    if i == pause:
+        print("paused", flush=True)
+        sys.stdin.readline()
     with store.transaction() as s:
         s.value["n"] += 1
 """
 
 
-def _incrementers(path: Path, k: int, n: int) -> list[subprocess.Popen[str]]:
-    procs = [subprocess.Popen([sys.executable, "-c", _INCREMENTER, str(path), str(n)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(k)]
+def _incrementers(path: Path, k: int, n: int, pause: int = -1) -> list[subprocess.Popen[str]]:
+    procs = [subprocess.Popen([sys.executable, "-c", _INCREMENTER, str(path), str(n), str(pause)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(k)]
     for proc in procs:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"  # opened, path resolved
     return procs
@@ -326,28 +335,27 @@ def _go(procs: list[subprocess.Popen[str]]) -> None:
         proc.stdin.flush()
 
 
-def test_switched_symlink_loses_no_update(tmp_path: Path) -> None:
+@pytest.mark.parametrize("round_", range(3))  # a stale lock lasts one transaction per process: give it chances
+def test_switched_symlink_loses_no_update(tmp_path: Path, round_: int) -> None:
     v1, v2, link = tmp_path / "v1.json", tmp_path / "v2.json", tmp_path / "current"
     v1.write_text('{"n": 0}')
     v2.write_text('{"n": 0}')
     link.symlink_to("v1.json")
     n, k = 150, 4
-    old = _incrementers(link, k, n)  # Stores opened before the switch
+    old = _incrementers(link, k, n, pause=40)  # Stores opened before the switch, 40 transactions in
     _go(old)
-    deadline = time.monotonic() + DEADLINE
-    while json.loads(v1.read_text())["n"] < 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    for proc in old:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "paused"
     tmp = tmp_path / "current.new"
     tmp.symlink_to("v2.json")
-    os.replace(tmp, link)  # an atomic switch while the old Stores keep going
+    os.replace(tmp, link)  # an atomic switch between two transactions of the old Stores
     new = _incrementers(link, k, n)  # Stores opened after the switch
-    _go(new)
+    _go(old + new)  # the old Stores' first transaction after the switch races the new Stores' first ones
     for proc in old + new:
         proc.communicate(timeout=DEADLINE * 2)
         assert proc.returncode == 0
     total = json.loads(v1.read_text())["n"] + json.loads(v2.read_text())["n"]
-    assert json.loads(v2.read_text())["n"] > 0
+    assert json.loads(v1.read_text())["n"] == k * 40
     assert total == 2 * k * n, f"{2 * k * n - total} updates lost across the switch"
 
 
