@@ -111,7 +111,7 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
     if len(record) > SLOT:
         return None
     index = -1
-    written = False
+    written = placed = False
     try:
         slots = os.pread(fd, SLOT * SLOTS, FIRST_SLOT)
         pid = os.getpid()
@@ -131,6 +131,7 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
                 continue
             written = True  # before the write: blanking a slot we claimed is harmless, a record left is not
             os.pwrite(fd, record.ljust(SLOT), FIRST_SLOT + index * SLOT)
+            placed = True
             head = os.pread(fd, _HEAD.size, HEADER)
             current = oldest(head)
             if not current or since < current:
@@ -138,10 +139,10 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
                 os.pwrite(fd, struct.pack("<d", since), HEADER + 8)
             return Announcement(fd, index, since)
     except OSError:
-        if written:
+        if placed:
             return Announcement(fd, index, since)  # in its slot; only the header could not be updated
         if index >= 0:
-            _unclaim(fd, index)
+            _give_back(fd, index, written)
     except BaseException:
         if index >= 0:
             try:
