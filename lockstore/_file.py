@@ -144,7 +144,7 @@ class FileStorage:
         """The symlink now names ``target``: the lock files of earlier targets are given back (a transaction still
         waiting for one of them keeps using its slot until it lets go)."""
         keep = target + ".lock"
-        for lock_file in [name for name in self._native if name != keep]:
+        for lock_file in [name for name in list(self._native) if name != keep]:  # list(): threads add meanwhile
             self._native.pop(lock_file).close()
 
     def _current_lock(self) -> Lock | None:

@@ -65,6 +65,9 @@ END: Final = FIRST_SLOT + SLOT * SLOTS
 #: A wait longer than this makes the holder hand the lock over at its release instead of barging back in.
 STARVE_AFTER: Final = 0.002
 _BLANK: Final = b" " * SLOT
+#: What only a timed-out mark holds: the key and its list (``_holder.waiter_record``). Labels and command lines are
+#: JSON strings, whose quotes are escaped, so no label can contain it (a label "timed_out" is not a mark).
+_MARK: Final = b'"timed_out": ['
 #: struct flock (l_type, l_whence, l_start, l_len, l_pid), native layout; l_pid must be 0 for an OFD lock.
 _FLOCK: Final = struct.Struct("hhqqi")
 
@@ -209,7 +212,7 @@ def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, floa
         slots = os.pread(fd, SLOT * SLOTS, FIRST_SLOT)
         for index in range(len(slots) // SLOT):
             chunk = slots[index * SLOT : index * SLOT + SLOT]
-            if b'"timed_out"' not in chunk:
+            if _MARK not in chunk:
                 continue
             os.pwrite(fd, _BLANK, FIRST_SLOT + index * SLOT)
             try:
@@ -266,7 +269,7 @@ def _records(slots: bytes) -> list[Holder]:
     found = []
     for index in range(len(slots) // SLOT):
         chunk = slots[index * SLOT : index * SLOT + SLOT]
-        if chunk.strip(b" \0") and b'"timed_out"' not in chunk:
+        if chunk.strip(b" \0") and _MARK not in chunk:
             holder = _holder.parse(chunk)
             if holder is not None and holder.waiting_since is not None and holder.alive is not False:
                 found.append(holder)

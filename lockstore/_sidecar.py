@@ -383,7 +383,7 @@ class SidecarLock:
         if marked and slot.area is not None and not _stats.newer(slot.area):
             # Taken out of the lock file only by a holder that will count them: a newer lockstore's area is left
             # alone (see _stats.add), and so are its marks.
-            slot.timed_out.extend(TimedOut(*mark) for mark in _queue.collect_timed_out(fd))
+            slot.timed_out.add([TimedOut(*mark) for mark in _queue.collect_timed_out(fd)])
         # The record is diagnostics only: a full or failing disk must not cost the caller the lock (the data write
         # that follows reports the disk's state and names the data file).
         try:
@@ -448,6 +448,7 @@ class SidecarLock:
                     if held.resets:
                         area[:] = _stats.fresh(time.time())
                         slot.written = None
+                        slot.timed_out.take()  # this process's timeouts so far came before the reset
                     else:
                         acquired_at = slot.acquired_at
                         waited, kept = acquired_at - held.start, time.monotonic() - acquired_at
@@ -461,10 +462,10 @@ class SidecarLock:
                         if mine and not slot.timed_out:
                             cold = _stats.count(area, waited, kept, slot.cold)
                         if cold < 0:
+                            timeouts, folded = slot.timed_out.take()
                             cold = _stats.add(area, waited=waited, held=kept, now=time.time(), label=held.label,
-                                              pid=os.getpid(), host=_HOST, timeouts=slot.timed_out,
+                                              pid=os.getpid(), host=_HOST, timeouts=timeouts, folded=folded,
                                               cold=slot.cold if mine else None)
-                            slot.timed_out = []
                         if cold >= 0:  # else a newer format's area, left alone: never ours to count into
                             slot.cold = cold
                             slot.written = bytes(area)
@@ -503,9 +504,9 @@ class SidecarLock:
         cannot write the statistics: its wait is counted by the next holder from the mark it left in the lock
         file (``counted``), or else at this process's next acquisition."""
         slot = self._box[0]
-        if not counted and slot is not None and len(slot.timed_out) < 64:
-            slot.timed_out.append(TimedOut(waited, waited if timeout is None else timeout, label,
-                                           os.getpid(), time.time()))
+        if not counted and slot is not None:
+            slot.timed_out.add((TimedOut(waited, waited if timeout is None else timeout, label, os.getpid(),
+                                         time.time()),))
         holder, stale = self.holder_and_staleness()
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)
 

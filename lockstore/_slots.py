@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 
 from ._os import close_all
 from ._owners import OwnerLock, at_fork
+from ._stats import Pending
 from ._waiter import AVAILABLE as CAN_BLOCK
 from ._waiter import Waiter
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
-
-    from ._stats_report import TimedOut
 
 LOCK_EX: int
 LOCK_NB: int
@@ -75,7 +74,7 @@ class Slot(OwnerLock):
         self.area: bytearray | None = None
         self.acquired_at = 0.0
         self.oldest_wait = 0.0
-        self.timed_out: list[TimedOut] = []
+        self.timed_out = Pending()
         # The statistics area as this process wrote it last, and its first part's CRC: when the lock file still
         # holds exactly these bytes (nobody else took the lock since), they need not be checked again.
         self.written: bytes | None = None
@@ -118,7 +117,7 @@ def _after_fork() -> None:
     for slot in [*SLOTS.values(), *FRESH]:
         slot.close_files(forked=True)
         slot.handoff = False
-        slot.timed_out = []
+        slot.timed_out = Pending()  # the parent's to count; and its lock may be held by a thread gone here
         slot.inside = {}
     FRESH.clear()
 

@@ -47,10 +47,12 @@ a few microseconds per call (``tests/test_stats.py`` prints the figure).
 
 from __future__ import annotations
 
+import collections
 import math
 import struct
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from ._stats_report import BUCKETS, LabelCount, LockStats, LongestHold, TimedOut, distribution, suggest
@@ -65,6 +67,15 @@ LABEL_MAX: Final = 48
 #: Rows of the timeouts-by-label table and slots of the recent-timeouts ring.
 LABEL_ROWS: Final = 4
 RECENT: Final = 4
+#: Timeouts a process keeps whole until it counts them (see Pending), and labels it keeps counts for beyond them.
+KEEP: Final = 64
+FOLDED_LABELS: Final = 16
+
+#: (how many, the smallest and the largest timeout that fired) of timeouts folded under one label.
+Folded = tuple[int, float, float]
+#: The key under which timeouts of labels beyond FOLDED_LABELS are folded: counted, in no label's row.
+_OTHER_LABELS: Final = object()
+
 
 _PREFIX: Final = struct.pack("<8sHH", MAGIC, VERSION, SIZE)  # magic, version and size: bytes [0, 12)
 _TIMEOUTS_AT: Final = 24
@@ -114,9 +125,11 @@ def fresh(now: float) -> bytearray:
 
 
 def add(area: bytearray, *, waited: float, held: float, now: float, label: str | None, pid: int, host: str,
-        timeouts: Sequence[TimedOut] = (), cold: int | None = None) -> int:
+        timeouts: Sequence[TimedOut] = (), folded: Mapping[object, Folded] | None = None,
+        cold: int | None = None) -> int:
     """Count one acquisition that waited ``waited`` s and held ``held`` s (released at ``now``, epoch seconds), and
-    the ``timeouts`` this process reports; in place, with the checksum updated.
+    the ``timeouts`` this process reports (``folded``: older ones, counted per label, see :class:`Pending`); in
+    place, with the checksum updated.
 
     ``area`` is what the lock file holds at ``OFFSET`` (up to ``SIZE`` bytes, fewer or none for an older lock
     file). When it is not an area of this format, it is replaced by ``fresh(now)`` first (resized in place); an
@@ -143,15 +156,15 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
         waited = _clean(waited)
     if not 0.0 <= held < 1e9:
         held = _clean(held)
-    if not timeouts:
+    if not timeouts and not folded:
         done = count(area, waited, held, cold)
         if done >= 0:
             return done
     hold_max = _tally(area, waited, held)
     if held >= hold_max:
         _set_longest(area, held_at=now, pid=pid, host=host, label=label)
-    if timeouts:
-        _add_timeouts(area, timeouts)
+    if timeouts or folded:
+        _add_timeouts(area, timeouts, folded or {})
     cold = _crc32(view[:_HOT_AT])
     _CRC.pack_into(area, _CRC_AT, _crc32(view[_HOT_AT:_CRC_AT], cold))
     return cold
@@ -288,28 +301,82 @@ def _set_longest(area: bytearray, *, held_at: float, pid: int, host: str, label:
                        len(label_b), host_b, label_b)
 
 
-def _add_timeouts(area: bytearray, timeouts: Sequence[TimedOut]) -> None:
+def _add_timeouts(area: bytearray, timeouts: Sequence[TimedOut], folded: Mapping[object, Folded]) -> None:
     count, smallest, largest = _TIMEOUTS.unpack_from(area, _TIMEOUTS_AT)
+    # The folded ones are the older: counted first, so that the ring of recent timeouts ends with the newest.
+    for key, (n, low, high) in folded.items():
+        low, high = (t if 0.0 <= t < _HUGE else _clean(t) for t in (low, high))
+        smallest = low if count == 0 or low < smallest else smallest
+        largest = high if count == 0 or high > largest else largest
+        if key is not _OTHER_LABELS:
+            _count_label(area, None if key is None else str(key), n)
+        count += n
     for t in timeouts:
         timeout = t.timeout if 0.0 <= t.timeout < _HUGE else _clean(t.timeout)
         waited = t.waited if 0.0 <= t.waited < _HUGE else _clean(t.waited)
         smallest = timeout if count == 0 or timeout < smallest else smallest
         largest = timeout if count == 0 or timeout > largest else largest
-        flag = 1 if t.label is None else 2
-        label_b = b"" if t.label is None else _text(t.label, LABEL_MAX)
-        for i in range(LABEL_ROWS):
-            at = _LABELS_AT + i * _LABEL_ROW.size
-            n, row_flag, row_len, row_label = _LABEL_ROW.unpack_from(area, at)
-            if row_flag == 0:
-                _LABEL_ROW.pack_into(area, at, 1, flag, len(label_b), label_b)
-                break
-            if row_flag == flag and row_label[:row_len] == label_b:
-                _LABEL_ROW.pack_into(area, at, n + 1, flag, row_len, row_label)
-                break
+        flag, label_b = _count_label(area, t.label, 1)
         _RECENT_ROW.pack_into(area, _RECENT_AT + (count % RECENT) * _RECENT_ROW.size, waited, timeout,
                               _epoch(t.at), t.pid & 0xFFFFFFFF, flag, len(label_b), label_b)
         count += 1
     _TIMEOUTS.pack_into(area, _TIMEOUTS_AT, count, smallest, largest)
 
 
-__all__ = ["OFFSET", "SIZE", "add", "count", "fresh", "newer", "parse"]
+def _count_label(area: bytearray, label: str | None, n: int) -> tuple[int, bytes]:
+    """Add ``n`` timeouts to the row of ``label`` (the first ``LABEL_ROWS`` labels seen take the rows; later ones
+    count only in the total); returns the label's flag and bytes as stored."""
+    flag = 1 if label is None else 2
+    label_b = b"" if label is None else _text(label, LABEL_MAX)
+    for i in range(LABEL_ROWS):
+        at = _LABELS_AT + i * _LABEL_ROW.size
+        count, row_flag, row_len, row_label = _LABEL_ROW.unpack_from(area, at)
+        if row_flag == 0:
+            _LABEL_ROW.pack_into(area, at, n, flag, len(label_b), label_b)
+            break
+        if row_flag == flag and row_label[:row_len] == label_b:
+            _LABEL_ROW.pack_into(area, at, count + n, flag, row_len, row_label)
+            break
+    return flag, label_b
+
+
+class Pending:
+    """This process's timeouts on one lock file, not counted yet: a waiter that timed out does not hold the lock, so
+    the process's next acquisition counts them. Threads add while the holding thread takes them, under ``lock``
+    (reentrant: a signal handler's own timeout may come while its thread is in here). The newest ``KEEP`` are kept
+    whole (the statistics show the last few); older ones are folded into counts per label, so that memory stays
+    bounded however many waits time out before the next acquisition."""
+
+    __slots__ = ("folded", "items", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.items: collections.deque[TimedOut] = collections.deque()
+        self.folded: dict[object, Folded] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.items or self.folded)
+
+    def add(self, timeouts: Iterable[TimedOut]) -> None:
+        with self.lock:
+            for t in timeouts:
+                self.items.append(t)
+                if len(self.items) > KEEP:
+                    self._fold(self.items.popleft())
+
+    def _fold(self, t: TimedOut) -> None:
+        key: object = t.label
+        if key not in self.folded and len(self.folded) >= FOLDED_LABELS:
+            key = _OTHER_LABELS
+        n, low, high = self.folded.get(key, (0, t.timeout, t.timeout))
+        self.folded[key] = (n + 1, min(low, t.timeout), max(high, t.timeout))
+
+    def take(self) -> tuple[list[TimedOut], dict[object, Folded]]:
+        """Everything pending, which is pending no more (counted by the caller, or dropped by a reset)."""
+        with self.lock:
+            taken = list(self.items), self.folded
+            self.items, self.folded = collections.deque(), {}
+        return taken
+
+
+__all__ = ["KEEP", "OFFSET", "SIZE", "Folded", "Pending", "add", "count", "fresh", "newer", "parse"]

@@ -458,7 +458,8 @@ class Transaction(Generic[T]):
         run_deferred()
         watches = self.core.watches
         if watches and len(watches) > 4:
-            for watch in [w for w in watches if w() is None]:
+            # Over a copy made by one C call: other threads of this Store add and discard their watches meanwhile.
+            for watch in [w for w in watches.copy() if w() is None]:
                 watches.discard(watch)
 
     # ----------------------------------------------------------------------------------------- sync

@@ -204,6 +204,28 @@ def test_a_timed_out_waiter_that_exits_at_once_is_counted_by_the_next_holder(
     assert again is not None and again.timeouts == 1 and again.acquisitions == stats.acquisitions + 1
 
 
+@pytest.mark.parametrize("label", ["timed_out", '"timed_out": [', 'x "timed_out"'])
+def test_a_waiter_whose_label_reads_like_a_mark_is_listed_and_never_collected(
+        data_file: str, procs: list[subprocess.Popen[str]], label: str) -> None:
+    """Marks were recognised by the bytes '"timed_out"' anywhere in a slot, so a live waiter labelled "timed_out"
+    was missing from waiters() and its announcement was blanked by the next holder that collected marks. Control:
+    a waiter that did time out is collected (and counted) by the same holder."""
+    pids = _queue_up(data_file, procs, [label])
+    impatient = spawn_script(_IMPATIENT_THEN_EXIT, data_file)
+    procs.append(impatient)
+    impatient.communicate(timeout=DEADLINE)
+    assert impatient.returncode == 3  # its mark is in its slot now
+    store = lockstore.open(data_file, default={"n": 0})
+    assert [(w.pid, w.label) for w in store.waiters()] == [(pids[0], label)]
+    with open(data_file + ".lock", "r+b") as f:
+        # What the next holder does first (the holder child is busy): collect the marks.
+        marks = _queue.collect_timed_out(f.fileno())
+    assert [(m[2], m[3]) for m in marks] == [("nightly-rollup", impatient.pid)]
+    assert [(w.pid, w.label) for w in store.waiters()] == [(pids[0], label)]  # still announced
+    procs[0].communicate("go\n", timeout=DEADLINE)
+    assert read_line(procs[1].stdout, DEADLINE) == "done"
+
+
 def test_two_waiters_never_share_a_slot_so_a_timeout_mark_is_never_blanked_by_the_other(tmp_path: Path) -> None:
     """Announcing needs no lock: two waiters that read the slots at once could pick the same free one, and the one
     that got the lock then blanked the other's timed-out mark (a lost timeout). Here the two waits come from two

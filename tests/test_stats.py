@@ -653,3 +653,178 @@ def test_stats_read_again_when_the_area_was_torn_by_a_holders_write(tmp_path: Pa
     assert stats is not None and stats.acquisitions == 1 and torn_left == [0]
     torn_left[0] = _sidecar._TORN_READS
     assert store.stats() is None
+
+
+# ----------------------------------------------------------------------------------- this process's pending timeouts
+def test_pending_timeouts_fold_beyond_keep_and_all_are_counted() -> None:
+    """A process that times out more often than ``KEEP`` times before it gets the lock: every timeout is counted,
+    per label for up to FOLDED_LABELS labels, the newest kept whole (the recent ring shows them); memory is
+    bounded."""
+    pending = _stats.Pending()
+    n = 3 * _stats.KEEP + 7
+    pending.add(TimedOut(0.1, 0.1 + i % 3, "poller" if i % 2 else None, 1000 + i, T0 + i) for i in range(n))
+    pending.add(TimedOut(0.5, 9.0, f"job-{i}", 5000 + i, T0 + n + i) for i in range(_stats.FOLDED_LABELS + 5))
+    total = n + _stats.FOLDED_LABELS + 5
+    assert len(pending.items) == _stats.KEEP and len(pending.folded) <= _stats.FOLDED_LABELS + 1
+    area = fresh(T0)
+    timeouts, folded = pending.take()
+    assert not pending
+    add(area, waited=0.0, held=0.0, now=T0 + 10_000, label=None, pid=1, host="h", timeouts=timeouts, folded=folded)
+    stats = stats_of(area)
+    assert stats.timeouts == total
+    assert (stats.timeout_min, stats.timeout_max) == (0.1, 9.0)
+    assert stats.timeout_labels[:2] == (LabelCount(None, (n + 1) // 2), LabelCount("poller", n // 2))
+    assert [t.pid for t in stats.recent_timeouts] == [5000 + _stats.FOLDED_LABELS + 5 - k for k in range(1, 5)]
+
+
+def test_pending_timeouts_of_threads_are_never_lost() -> None:
+    """Threads add while another takes (as waiters time out while the holder releases): each added once, taken
+    once. Negative control: the same with a plain list swapped without the lock loses some."""
+    import threading
+
+    def run(pending: Any, add_one: Any, take: Any) -> tuple[int, int]:
+        added = [0] * 4
+        taken = [0]
+        stop = threading.Event()
+
+        def producer(k: int) -> None:
+            for i in range(4000):
+                add_one(pending, TimedOut(0.1, 0.1, None, k, float(i)))
+                added[k] += 1
+
+        def consumer() -> None:
+            while not stop.is_set():
+                taken[0] += take(pending)
+            taken[0] += take(pending)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=producer, args=(k,)) for k in range(4)]
+            eater = threading.Thread(target=consumer)
+            eater.start()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            stop.set()
+            eater.join()
+        finally:
+            sys.setswitchinterval(old)
+        return sum(added), taken[0]
+
+    def take_pending(p: _stats.Pending) -> int:
+        items, folded = p.take()
+        return len(items) + sum(n for n, _, _ in folded.values())
+
+    assert len(set(run(_stats.Pending(), lambda p, t: p.add((t,)), take_pending))) == 1
+
+    class Unlocked:  # the negative control: what the release did before (read the list, count it, then replace it)
+        def __init__(self) -> None:
+            self.items: list[TimedOut] = []
+
+    def take_unlocked(p: Unlocked) -> int:
+        items = p.items
+        n = len(items)
+        for _ in range(50):  # counting them (the area's update) takes a while
+            pass
+        p.items = []
+        return n
+
+    lost = [run(Unlocked(), lambda p, t: p.items.append(t), take_unlocked) for _ in range(3)]
+    assert any(added != taken for added, taken in lost)
+
+
+def test_e2e_threads_with_short_timeouts_count_every_timeout(data_file: str) -> None:
+    """Threads of one process share a Store with timeouts of 0.5 ms: every LockTimeout raised is in stats()
+    (a timeout added while the holding thread counted the others was dropped), and no thread gets a RuntimeError
+    from another's bookkeeping ('Set changed size during iteration' from the sweep of dropped transactions)."""
+    import threading
+
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    raised = [0] * 8
+    done = [0] * 8
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        for _ in range(150):
+            try:
+                with store.transaction(timeout=0.0005) as s:
+                    s.value["n"] += 1
+                    time.sleep(0.0002)
+                done[k] += 1
+            except lockstore.LockTimeout:
+                raised[k] += 1
+            except Exception as exc:
+                errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    with store.transaction() as s:  # counts what is still pending
+        s.value["n"] += 1
+    stats = store.stats()
+    store.close()
+    assert not errors, errors[:3]
+    assert sum(raised) > 20  # they did contend
+    assert stats is not None
+    assert (stats.acquisitions, stats.timeouts) == (sum(done) + 1, sum(raised))
+    assert lockstore.read(data_file) == {"n": sum(done) + 1}
+
+
+def test_e2e_many_timeouts_of_one_process_are_all_counted(data_file: str) -> None:
+    """200 waits with timeout=0 while another process holds the lock, then one that gets it: 200 timeouts (the
+    process kept only 64 and dropped the rest)."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    raised = 0
+    try:
+        for _ in range(200):
+            try:
+                with store.transaction(timeout=0, label="poller"):
+                    pass
+            except lockstore.LockTimeout:
+                raised += 1
+    finally:
+        _finish(holder, "go\n")
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert raised == 200 and stats is not None
+    assert stats.timeouts == 200 and stats.timeout_labels == (LabelCount("poller", 200),)
+
+
+def test_e2e_a_reset_drops_timeouts_from_before_it(data_file: str) -> None:
+    """Timeouts this process had before ``reset_stats()`` are not counted into the fresh statistics after it.
+    Control: without the reset, the next transaction counts them."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+
+    def time_out_three() -> None:
+        holder = spawn_script(HOLDER_SCRIPT, data_file)
+        assert read_line(holder.stdout, DEADLINE) == "ready"
+        try:
+            for _ in range(3):
+                with pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.01):
+                    pass
+        finally:
+            _finish(holder, "go\n")
+
+    time_out_three()
+    store.reset_stats()
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert stats is not None and (stats.acquisitions, stats.timeouts) == (1, 0)
+    time_out_three()
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert stats is not None and stats.timeouts == 3
