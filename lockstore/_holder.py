@@ -154,7 +154,10 @@ def _alive(pid: int, start: float | None, host: str, pidns: str | None) -> bool 
     import psutil  # here only: importing psutil costs tens of milliseconds
 
     try:
-        created = psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        created = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False  # killed, not yet reaped by its parent: it holds and waits for nothing any more
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:

@@ -46,8 +46,9 @@ try:
     import fcntl
 
     _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+    _OFD_GETLK: int | None = getattr(fcntl, "F_OFD_GETLK", None)
 except ImportError:  # pragma: no cover - not Unix
-    _OFD_SETLK = None
+    _OFD_SETLK = _OFD_GETLK = None
 
 from . import _holder
 
@@ -121,14 +122,17 @@ def announce(fd: int, label: str | None, timeout: float) -> Announcement | None:
         start = hash(pid) % SLOTS
         for i in range(SLOTS):
             chunk = slots[((start + i) % SLOTS) * SLOT : ((start + i) % SLOTS) * SLOT + SLOT]
-            if chunk.strip(b" \0") and not _reusable(chunk, pid):
+            # With claims, a waiter's record is only ever there while its waiter claims the slot: a slot we can
+            # claim holds no live waiter's record, wherever its pid is (another PID namespace, a zombie).
+            if chunk.strip(b" \0") and not _reusable(chunk, pid, claims=_OFD_SETLK is not None):
                 continue
             index = (start + i) % SLOTS  # set before the claim: the cleanup below gives back what it may hold
-            if not _claim(fd, index):
+            claimed = _claim(fd, index)
+            if claimed is False:
                 index = -1
                 continue  # another waiter's, announced since our read
             chunk = os.pread(fd, SLOT, FIRST_SLOT + index * SLOT)
-            if chunk.strip(b" \0") and not _reusable(chunk, pid):
+            if chunk.strip(b" \0") and not _reusable(chunk, pid, claims=claimed is True):
                 _unclaim(fd, index)
                 index = -1
                 continue
@@ -186,7 +190,7 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
                 _unclaim(fd, announcement.index)  # an interrupt cut the first call short
                 raise
         if oldest(os.pread(fd, _HEAD.size, HEADER)) == announcement.since:
-            remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
+            remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT), fd)]
             os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
     except OSError:
         pass
@@ -197,7 +201,7 @@ def repair_oldest(fd: int) -> None:
     nobody took, the header named a wait that had ended. A waiter announcing meanwhile may lose its start to this
     write; it only delays that waiter's hand-over until another waiter rewrites the header."""
     try:
-        remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT))]
+        remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT), fd)]
         os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
     except OSError:
         pass
@@ -228,14 +232,15 @@ def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, floa
     return found
 
 
-def _reusable(chunk: bytes, pid: int) -> bool:
-    """A slot holding a record of this very process (left by an interrupted wait) or of a process that is gone;
-    never a timed-out mark, which waits for the next holder to count it even when its process is gone."""
+def _reusable(chunk: bytes, pid: int, *, claims: bool = False) -> bool:
+    """A slot holding a record of this very process (left by an interrupted wait) or of a process that is gone
+    (``claims``: the caller can claim the slot, which tells); never a timed-out mark, which waits for the next
+    holder to count it even when its process is gone."""
     try:
         raw: dict[str, Any] = json.loads(chunk)
         if "timed_out" in raw:
             return False
-        if int(raw["pid"]) == pid:
+        if claims or int(raw["pid"]) == pid:
             return True
     except (ValueError, KeyError, TypeError):
         return True  # not a record of ours: overwrite it
@@ -243,16 +248,16 @@ def _reusable(chunk: bytes, pid: int) -> bool:
     return holder is None or holder.alive is False
 
 
-def _claim(fd: int, index: int) -> bool:
-    """Claim slot ``index`` for this open file description (an OFD write lock on its bytes, not waited for);
-    False when another holds it. Without OFD locks (not Linux, or a file system that refuses them) the slot is
-    taken unclaimed, as before."""
+def _claim(fd: int, index: int) -> bool | None:
+    """Claim slot ``index`` for this open file description (an OFD write lock on its bytes, not waited for): True
+    when claimed, False when another holds it. None without OFD locks (not Linux, or a file system that refuses
+    them): the slot is taken unclaimed, as before, and its record says nothing about its waiter's life."""
     if _OFD_SETLK is None:
-        return True
+        return None
     try:
         fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, FIRST_SLOT + index * SLOT, SLOT, 0))
     except OSError as exc:
-        return exc.errno not in (errno.EAGAIN, errno.EACCES)
+        return False if exc.errno in (errno.EAGAIN, errno.EACCES) else None
     return True
 
 
@@ -265,21 +270,38 @@ def _unclaim(fd: int, index: int) -> None:
         pass
 
 
-def _records(slots: bytes) -> list[Holder]:
+def _unclaimed(fd: int, index: int) -> bool:
+    """Whether no open file description claims slot ``index``: then no waiter is there, whatever its record says
+    (its waiter died, in another PID namespace, or as a zombie not yet reaped, and cannot be checked by its pid).
+    False when it cannot be known (no OFD locks, or a file system that refuses them)."""
+    if _OFD_GETLK is None:
+        return False
+    try:
+        found = fcntl.fcntl(fd, _OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, FIRST_SLOT + index * SLOT, SLOT,
+                                                          0))
+    except OSError:
+        return False
+    return bool(_FLOCK.unpack(found)[0] == fcntl.F_UNLCK)
+
+
+def _records(slots: bytes, fd: int | None = None) -> list[Holder]:
+    """The live waiters' records among ``slots``; ``fd`` (a descriptor of the lock file that claims no slot)
+    lets the claims tell which records are left by dead waiters."""
     found = []
     for index in range(len(slots) // SLOT):
         chunk = slots[index * SLOT : index * SLOT + SLOT]
         if chunk.strip(b" \0") and _MARK not in chunk:
             holder = _holder.parse(chunk)
-            if holder is not None and holder.waiting_since is not None and holder.alive is not False:
+            if (holder is not None and holder.waiting_since is not None and holder.alive is not False
+                    and (fd is None or not _unclaimed(fd, index))):
                 found.append(holder)
     return found
 
 
-def announced_in(data: bytes) -> list[Holder]:
+def announced_in(data: bytes, fd: int | None = None) -> list[Holder]:
     """The lockstore waiters announced in a lock file's first bytes (read from 0), oldest first; dead ones are
-    left out."""
-    return sorted(_records(data[FIRST_SLOT:END]), key=lambda h: h.waiting_since or 0.0)
+    left out (see :func:`_records` for ``fd``)."""
+    return sorted(_records(data[FIRST_SLOT:END], fd), key=lambda h: h.waiting_since or 0.0)
 
 
 __all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out",

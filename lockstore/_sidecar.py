@@ -263,14 +263,17 @@ class SidecarLock:
     def _hand_over(slot: Slot) -> None:
         """At the last release a waiter had waited too long: let it take the lock before we try (it writes its
         record when it does; bounded, in case it gave up meanwhile)."""
-        slot.handoff = False
+        since, slot.handoff = slot.handoff, 0.0
         fd = slot.fds[0]
         deadline = time.monotonic() + _queue.STARVE_AFTER
         try:
             while os.pread(fd, 1, 0) in (b"", b" "):
                 if time.monotonic() >= deadline:
                     # Nobody came: the oldest wait in the header was stale (a killed waiter's, or one a racing
-                    # withdrawal wrote back). Put the true one there, or every release would hand over to nobody.
+                    # withdrawal wrote back), or its waiter cannot take the lock (stopped, or dead and not known
+                    # to be). Put the true one there, and never hand over to this wait again: either would
+                    # otherwise make every release hand over to nobody.
+                    slot.handed_to_nobody = since
                     _queue.repair_oldest(fd)
                     break
                 time.sleep(_HANDOFF_POLL)
@@ -282,10 +285,11 @@ class SidecarLock:
         """Wait for the flock, announced in the lock file; on return ``slot.flocked`` is the descriptor holding it
         (ours, or the waiter thread's). A ``final`` wait that times out leaves its timed-out mark (see _queue.py);
         a slice of a longer wait (the asyncio path) does not."""
-        if slot.writable:
-            # Appended by C code as it is returned: an interrupt cannot lose it before the finally below.
-            held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))
         try:
+            if slot.writable:
+                # Appended by C code as it is returned, inside the try: an interrupt when the call returns (where
+                # CPython runs signal handlers) finds it withdrawn by the finally below.
+                held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))
             self._wait_in_kernel(slot, fd, start, timeout, poll_interval)
         except _TimedOut:
             announcement = held.announced[-1] if final and held.announced else None
@@ -473,7 +477,10 @@ class SidecarLock:
                 elif record_len:
                     os.pwrite(slot.fds[0], b" " * record_len, 0)
                 # A waiter that has waited too long gets the lock first (see _hand_over).
-                slot.handoff = bool(slot.oldest_wait) and time.time() - slot.oldest_wait > _queue.STARVE_AFTER
+                # (The header keeps a wait's start exactly, a repair rewrites it from the record, to the microsecond.)
+                oldest = slot.oldest_wait
+                starved = abs(oldest - slot.handed_to_nobody) > 1e-5 and time.time() - oldest > _queue.STARVE_AFTER
+                slot.handoff = oldest if oldest and starved else 0.0
         except OSError:
             pass
         finally:
@@ -514,13 +521,17 @@ class SidecarLock:
         """Who holds the lock now, read without taking it (see :func:`lockstore._holder.current`)."""
         return self.holder_and_staleness()[0]
 
-    def _probe_read(self, size: int) -> tuple[bytes, int, int] | None:
-        """(the lock file's first ``size`` bytes, its device as /proc/locks shows it, its inode), or None."""
+    def _probe_read(self, size: int, *, waiters: list[Holder] | None = None) -> tuple[bytes, int, int] | None:
+        """(the lock file's first ``size`` bytes, its device as /proc/locks shows it, its inode), or None; with
+        ``waiters``, also the announced waiters found in them, put there (the probe's own open file description
+        claims no slot, so the claims tell which announcements are left by dead waiters)."""
         probe: list[io.FileIO] = []  # its own: threads may ask at once
         try:
             fd = open_probe(probe, self.lock_file, os.O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
             st = os.fstat(fd)
             data = os.pread(fd, size, 0) if stat.S_ISREG(st.st_mode) else b""
+            if waiters is not None:
+                waiters.extend(_queue.announced_in(data, fd))
             return data, _proclocks.lock_dev(fd), st.st_ino
         except OSError:
             return None
@@ -541,11 +552,12 @@ class SidecarLock:
     def waiters(self) -> list[Holder]:
         """The processes waiting for this lock now, oldest first: the kernel's list of blocked processes
         (``/proc/locks``), each with its announcement (label, since when) where it is a lockstore process."""
-        found = self._probe_read(_queue.END)
+        listed: list[Holder] = []
+        found = self._probe_read(_queue.END, waiters=listed)
         if found is None:
             return []
-        data, dev, ino = found
-        announced = {w.pid: w for w in _queue.announced_in(data)}
+        _, dev, ino = found
+        announced = {w.pid: w for w in listed}
         blocked = _proclocks.flock_waiters(dev, ino)
         if blocked is None:  # no /proc/locks: the announcements are all there is
             return list(announced.values())

@@ -53,7 +53,8 @@ else:  # pragma: no cover - no blocking flock (Windows): filelock's descriptor p
 class Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
 
-    __slots__ = ("acquired_at", "area", "cold", "external", "external_count", "fds", "flocked", "handoff", "inside",
+    __slots__ = ("acquired_at", "area", "cold", "external", "external_count", "fds", "flocked", "handed_to_nobody",
+                 "handoff", "inside",
                  "key", "oldest_wait", "record_len", "refs", "timed_out", "waiter_fds", "waiters", "writable",
                  "written")
 
@@ -79,9 +80,11 @@ class Slot(OwnerLock):
         # holds exactly these bytes (nobody else took the lock since), they need not be checked again.
         self.written: bytes | None = None
         self.cold = 0
-        # Set at a release that must hand the lock to a waiter that waited too long: this process's next
-        # acquisition first lets that waiter take it (see _sidecar.py).
-        self.handoff = False
+        # Set at a release that must hand the lock to a waiter that waited too long (the start of its wait): this
+        # process's next acquisition first lets that waiter take it (see _sidecar.py). A wait handed the lock that
+        # nobody took (a stopped waiter, or a dead one that still looks alive) is remembered, and not handed to again.
+        self.handoff = 0.0
+        self.handed_to_nobody = 0.0
         # FileLocks handed out as ``store.lock`` on this file (their is_locked answers for the calling thread).
         self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
         self.external_count = 0  # how many were ever handed out: most slots have none, and need no look
@@ -116,7 +119,7 @@ def _after_fork() -> None:
     _LOCK = threading.Lock()
     for slot in [*SLOTS.values(), *FRESH]:
         slot.close_files(forked=True)
-        slot.handoff = False
+        slot.handoff = 0.0
         slot.timed_out = Pending()  # the parent's to count; and its lock may be held by a thread gone here
         slot.inside = {}
     FRESH.clear()

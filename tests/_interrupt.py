@@ -6,7 +6,8 @@ the frames of the ``lockstore`` package (``sys.settrace`` with opcode events) an
 counting from 1, so that a test can walk k over every point of an operation, one run each, until the operation
 completes without the exception firing. ``deep`` also counts the points of the Python code lockstore calls (the
 standard library's: a real signal lands there just as well); ``within`` counts only the points inside one function
-(by qualified name), for a walk that must cover that function whatever timing does to the points before it.
+(by qualified name), for a walk that must cover that function whatever timing does to the points before it, and
+``own`` only that function's own points, not those of what it calls (whose number timing may change).
 
 A trace function can only raise before an instruction, so "right after a call" is modelled as "before the next
 instruction". CPython attributes the real exception to the call instruction itself, so the two agree only when
@@ -65,10 +66,11 @@ class Injector:
     """Counts the interrupt points in ``lockstore`` frames and raises ``make()`` at point ``k``."""
 
     def __init__(self, k: int, make: Callable[[], BaseException] = KeyboardInterrupt, *, deep: bool = False,
-                 within: str | None = None) -> None:
+                 within: str | None = None, own: bool = False) -> None:
         self.k = k
         self.deep = deep
         self.within = within
+        self.own = own
         self.make = make
         self.count = 0
         self.fired = False
@@ -114,6 +116,8 @@ class Injector:
         while frame is not None:
             if frame.f_code.co_qualname == self.within:
                 return True
+            if self.own:
+                return False
             frame = frame.f_back
         return False
 
@@ -142,14 +146,14 @@ class Injector:
 
 
 def inject(k: int, operation: Callable[[], object], make: Callable[[], BaseException] = KeyboardInterrupt, *,
-           deep: bool = False, within: str | None = None) -> tuple[bool, str | None, str]:
+           deep: bool = False, within: str | None = None, own: bool = False) -> tuple[bool, str | None, str]:
     """Run ``operation`` with the k-th interrupt point raising; return (fired, the type name of what the operation
     raised or None, where it fired).
 
     The exception itself is dropped before returning, as a caller's ``except KeyboardInterrupt:`` would drop it:
     its traceback keeps the interrupted frames alive until then.
     """
-    injector = Injector(k, make, deep=deep, within=within)
+    injector = Injector(k, make, deep=deep, within=within, own=own)
     raised: str | None = None
     try:
         with injector:

@@ -137,7 +137,7 @@ MUTATIONS = [
     M("a wait for the Store's turn held by this very thread", "_txn.py",
       "        if other is not None and conflicts(other, ticket.owner):\n",
       "        if other is not None and sys.modules['lockstore._owners'].blocks_this_loop(other):\n", (EDGES,)),
-    M("a waiter's slot written without claiming it", "_queue.py", "            if not _claim(fd, index):\n",
+    M("a waiter's slot written without claiming it", "_queue.py", "            if claimed is False:\n",
       "            if False:\n", ("tests/test_queue.py",)),
     M("a dead waiter's timeout mark taken over before it is counted", "_queue.py",
       "        if \"timed_out\" in raw:\n            return False\n", "", ("tests/test_queue.py",)),

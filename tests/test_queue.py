@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _children import DEADLINE, HOLDER_SCRIPT, read_line, spawn_script
@@ -326,3 +327,104 @@ def test_a_holder_that_cannot_count_timeouts_leaves_their_marks_for_one_that_can
         assert len(_queue.collect_timed_out(fd)) == 1  # still there for the newer version
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------- waiters that cannot take the lock
+#: Announces a wait in the lock file (claiming its slot, as a waiting lockstore process does) without ever asking
+#: the kernel for the lock: a waiter that cannot take it (stopped, in a debugger, a frozen cgroup).
+_STUCK = """
+import os, sys
+from lockstore import _queue
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("ready" if _queue.announce(fd, sys.argv[2], 60.0) is not None else "failed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _stuck_waiter(store: lockstore.Store[Any], procs: list[subprocess.Popen[str]], label: str,
+                  *wrapper: str) -> subprocess.Popen[str]:
+    with store.transaction():
+        pass  # the lock file exists
+    lock_file = store.lock_file
+    assert lock_file is not None
+    stuck = subprocess.Popen([*wrapper, sys.executable, "-c", _STUCK, lock_file, label], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(stuck)
+    assert read_line(stuck.stdout, DEADLINE) == "ready"
+    time.sleep(2 * _queue.STARVE_AFTER)  # a minimum age, not a synchronisation: its wait is long enough to starve
+    return stuck
+
+
+def _hand_overs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from lockstore._sidecar import SidecarLock
+
+    calls: list[int] = []
+    real = SidecarLock._hand_over
+
+    def counted(slot: Any) -> None:
+        calls.append(1)
+        real(slot)
+
+    monkeypatch.setattr(SidecarLock, "_hand_over", staticmethod(counted))
+    return calls
+
+
+def test_a_waiter_that_never_takes_the_lock_is_handed_it_once_not_at_every_release(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live waiter whose wait is long enough to be handed the lock, but which cannot take it (stopped): each
+    release handed over to it and each next acquisition waited STARVE_AFTER for nobody, as long as it was stopped.
+    Now a wait handed over to in vain is remembered. Control: forgetting that makes every acquisition wait."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    _stuck_waiter(store, procs, "stopped")
+    calls = _hand_overs(monkeypatch)
+    for _ in range(30):
+        with store.transaction() as s:
+            s.value["n"] += 1
+    assert len(calls) == 1
+    assert [w.label for w in store.waiters()] == ["stopped"]  # alive and waiting: still listed
+    slot: Any = store._core.storage._native[store.lock_file]._box[0]  # type: ignore[attr-defined]
+    calls.clear()
+    for _ in range(10):
+        slot.handed_to_nobody = 0.0  # forgotten after each release that remembered it: every other one hands over
+        with store.transaction() as s:
+            s.value["n"] += 1
+    assert len(calls) >= 4
+
+
+def _dead_waiter_is_gone(store: lockstore.Store[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert store.waiters() == []
+    calls = _hand_overs(monkeypatch)
+    for _ in range(30):
+        with store.transaction() as s:
+            s.value["n"] += 1
+    assert len(calls) <= 1
+
+
+def test_a_killed_waiter_not_yet_reaped_is_not_listed_and_not_handed_the_lock(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter killed while its parent has not reaped it yet (a zombie) still has its pid and start time, so it
+    looked alive: listed by waiters(), and its wait handed the lock at every release. Control: listed while alive."""
+    import psutil
+
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    stuck = _stuck_waiter(store, procs, "zombie")
+    assert [w.label for w in store.waiters()] == ["zombie"]
+    os.kill(stuck.pid, signal.SIGKILL)
+    _wait_until(lambda: psutil.Process(stuck.pid).status() == psutil.STATUS_ZOMBIE, "the waiter to be a zombie")
+    _dead_waiter_is_gone(store, monkeypatch)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace needs root")
+def test_a_killed_waiter_of_another_pid_namespace_is_not_listed_and_not_handed_the_lock(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter in another PID namespace (a container sharing the volume) cannot be checked by its pid: killed, its
+    announcement stayed listed and handed the lock, forever. Its slot's claim (an OFD lock, gone with its process)
+    tells. Control: listed while alive."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    outer = _stuck_waiter(store, procs, "in-container", "unshare", "--pid", "--fork", "--kill-child")
+    listed = store.waiters()
+    assert [(w.label, w.alive) for w in listed] == [("in-container", None)]
+    inner = subprocess.run(["pgrep", "-P", str(outer.pid)], capture_output=True, text=True, check=True)
+    os.kill(int(inner.stdout.split()[0]), signal.SIGKILL)
+    outer.communicate(timeout=DEADLINE)
+    _dead_waiter_is_gone(store, monkeypatch)

@@ -101,9 +101,10 @@ def _slots_left(lock_file: str, where: str) -> list[str]:
         slots = os.pread(fd, _queue.SLOT * _queue.SLOTS, _queue.FIRST_SLOT)
         mine = f'"pid": {os.getpid()},'.encode()
         for index in range(len(slots) // _queue.SLOT):
-            if mine in slots[index * _queue.SLOT : (index + 1) * _queue.SLOT]:
+            chunk = slots[index * _queue.SLOT : (index + 1) * _queue.SLOT]
+            if mine in chunk and _queue._MARK not in chunk:  # a timed-out mark stays, for the next holder to count
                 problems.append(f"{where}: waiter slot {index} still holds this process's record")
-            if not _queue._claim(fd, index):
+            if _queue._claim(fd, index) is False:
                 problems.append(f"{where}: waiter slot {index} is still claimed")
             else:
                 _queue._unclaim(fd, index)
@@ -519,6 +520,59 @@ def test_interrupt_anywhere_in_announcing_or_withdrawing_a_wait_leaves_no_announ
             problems += _slots_left(str(path) + ".lock", f"k={k} {where} -> {raised}")
     assert problems == []
     assert walked > 10
+
+
+def test_interrupt_at_every_point_of_the_wait_itself_leaves_no_announcement(tmp_path: Path) -> None:
+    # The points of SidecarLock._wait's own frame, each one, in a wait that times out and in one that gets the lock
+    # (the walk above counts the points of what it calls too, whose number timing changes, so it can step over one
+    # of these). The point right after the announcement is appended lay outside the try whose finally withdraws
+    # it: the process's live record stayed, and every holder handed the lock over to nobody while it lived.
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+    lock_file = str(path) + ".lock"
+
+    def walk_wait(contended: Callable[[], None]) -> tuple[int, list[str]]:
+        problems: list[str] = []
+        for k in range(1, 100):
+            fired, raised, where = inject(k, contended, within="SidecarLock._wait", own=True)
+            problems += _slots_left(lock_file, f"k={k} {where} -> {raised}")
+            if not fired:
+                return k - 1, problems
+        raise AssertionError("the walk did not end")
+
+    holder = ("import fcntl, sys\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+              "print('held', flush=True)\nsys.stdin.readline()\n")
+    with subprocess.Popen([sys.executable, "-c", holder, lock_file], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as child:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+
+        def times_out() -> None:
+            with pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.02):
+                pass
+
+        timed_out, problems = walk_wait(times_out)
+        child.communicate("go\n", timeout=60)
+
+    with Child("flock_cycles", lock_file) as cycles:
+        stdin, stdout = cycles.proc.stdin, cycles.proc.stdout
+        assert stdin is not None and stdout is not None
+
+        def handed_over() -> None:
+            stdin.write("hold\n")
+            stdin.flush()
+            assert stdout.readline().strip() == "held"
+            try:
+                with store.transaction(timeout=10) as s:
+                    s.value["n"] += 1
+            finally:
+                stdin.write("release\n")  # in case the transaction never got to wait
+                stdin.flush()
+                assert stdout.readline().strip() == "released"
+
+        got, more = walk_wait(handed_over)
+    assert problems + more == []
+    assert timed_out >= 5 and got >= 2
 
 
 def test_interrupt_in_the_standard_library_while_handing_a_wait_to_the_waiter_thread(tmp_path: Path) -> None:
