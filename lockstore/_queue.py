@@ -196,15 +196,22 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
         pass
 
 
-def repair_oldest(fd: int) -> None:
-    """Rewrite the header's oldest wait from the slots of waiters still alive (0 when none): after a hand-over that
-    nobody took, the header named a wait that had ended. A waiter announcing meanwhile may lose its start to this
-    write; it only delays that waiter's hand-over until another waiter rewrites the header."""
+def repair_oldest(fd: int, unless: list[float] = []) -> None:  # noqa: B006 - never changed
+    """Rewrite the header's oldest wait from the slots of waiters still alive (0 when none), leaving out the waits
+    that start at one of ``unless`` (see :func:`among`): after a hand-over that nobody took, the header named a
+    wait that had ended, or whose waiter cannot take the lock (stopped). A waiter announcing meanwhile may lose its
+    start to this write; it only delays that waiter's hand-over until another waiter rewrites the header."""
     try:
         remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT), fd)]
-        os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
+        starts = [s for s in remaining if s and not among(s, unless)]
+        os.pwrite(fd, struct.pack("<d", min(starts, default=0.0)), HEADER + 8)
     except OSError:
         pass
+
+
+def among(since: float, starts: list[float]) -> bool:
+    """Whether a wait's start is one of ``starts``: the header keeps it exactly, a record to the microsecond."""
+    return any(abs(since - s) < 1e-5 for s in starts)
 
 
 def collect_timed_out(fd: int) -> list[tuple[float, float, str | None, int, float]]:
@@ -305,4 +312,4 @@ def announced_in(data: bytes, fd: int | None = None) -> list[Holder]:
 
 
 __all__ = ["END", "HEADER", "STARVE_AFTER", "Announcement", "announce", "announced_in", "collect_timed_out",
-           "repair_oldest", "state", "withdraw"]
+           "among", "repair_oldest", "state", "withdraw"]

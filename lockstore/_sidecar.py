@@ -52,6 +52,8 @@ _HEAD: Final = _queue.HEADER + 16
 #: While handing the lock over, how often the releaser looks whether the starving waiter has taken it.
 _HANDOFF_POLL: Final = 0.00005
 _BLANKS: Final = b" " * RECORD_MAX
+#: How often, at most, a holder rewrites the header's oldest wait without the waits it handed the lock in vain.
+_REPAIR_EVERY: Final = 10 * _queue.STARVE_AFTER
 #: How many times stats() reads an area whose checksum is wrong before it gives up (see stats()).
 _TORN_READS: Final = 5
 _HOST: Final = _holder._host_name()
@@ -248,6 +250,8 @@ class SidecarLock:
                 except BlockingIOError:
                     slot.flocked = None
                     if not blocking:
+                        if final and slot.writable:
+                            self._give_up(held, fd, start, label)
                         raise _TimedOut from None
                     self._wait(held, slot, fd, start, timeout, poll_interval, label, final)
                 except OSError as exc:
@@ -273,8 +277,8 @@ class SidecarLock:
                     # withdrawal wrote back), or its waiter cannot take the lock (stopped, or dead and not known
                     # to be). Put the true one there, and never hand over to this wait again: either would
                     # otherwise make every release hand over to nobody.
-                    slot.handed_to_nobody = since
-                    _queue.repair_oldest(fd)
+                    slot.handed_to_nobody = [*slot.handed_to_nobody[-7:], since]
+                    _queue.repair_oldest(fd, unless=slot.handed_to_nobody)
                     break
                 time.sleep(_HANDOFF_POLL)
         except OSError:
@@ -292,12 +296,8 @@ class SidecarLock:
                 held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))
             self._wait_in_kernel(slot, fd, start, timeout, poll_interval)
         except _TimedOut:
-            announcement = held.announced[-1] if final and held.announced else None
-            if announcement is not None:
-                mark = _holder.waiter_record(label, announcement.since, timeout, waited=time.monotonic() - start)
-                _queue.withdraw(announcement, mark)
-                held.announced.pop()  # after the withdrawal: interrupted before it, the cleanup below withdraws
-                held.counted = True
+            if final:
+                self._leave_mark(held, start, timeout, label)
             raise
         finally:
             try:
@@ -305,6 +305,29 @@ class SidecarLock:
             except BaseException:
                 self._withdraw_all(held)  # an interrupt cut the first call short
                 raise
+
+    def _give_up(self, held: Held, fd: int, start: float, label: str | None) -> None:
+        """A try that found the lock taken (``blocking=False``): leave a timed-out mark, as a wait that timed out
+        does, so that the try is counted even when its process exits at once (``lockstore incr -n`` in a cron job)."""
+        try:
+            held.announced.extend(map(_queue.announce, (fd,), (label,), (0.0,)))  # see _wait
+            self._leave_mark(held, start, 0.0, label)
+        finally:
+            try:
+                self._withdraw_all(held)
+            except BaseException:
+                self._withdraw_all(held)  # an interrupt cut the first call short
+                raise
+
+    @staticmethod
+    def _leave_mark(held: Held, start: float, timeout: float, label: str | None) -> None:
+        """Turn the wait's announcement into its timed-out mark, for the next holder to count."""
+        announcement = held.announced[-1] if held.announced else None
+        if announcement is not None:
+            mark = _holder.waiter_record(label, announcement.since, timeout, waited=time.monotonic() - start)
+            _queue.withdraw(announcement, mark)
+            held.announced.pop()  # after the withdrawal: interrupted before it, the caller's cleanup withdraws
+            held.counted = True
 
     @staticmethod
     def _withdraw_all(held: Held) -> None:
@@ -442,6 +465,7 @@ class SidecarLock:
             # find the previous turn's and write it over the real holder's record.
             area, slot.area = slot.area, None
             record_len, slot.record_len = slot.record_len, 0
+            landed: list[int] | None = None  # when this release counts this process's timeouts: see _stats.Pending
             if slot.waiters and slot.flocked is not None and slot.flocked == slot.waiters[0].fd:
                 slot.waiters[0].withdraw()  # a grant still to come for a wait given up is dropped, not kept
             if slot.flocked is not None and slot.writable and slot.fds:
@@ -466,21 +490,30 @@ class SidecarLock:
                         if mine and not slot.timed_out:
                             cold = _stats.count(area, waited, kept, slot.cold)
                         if cold < 0:
-                            timeouts, folded = slot.timed_out.take()
+                            landed = []
+                            timeouts, folded = slot.timed_out.begin(landed)
                             cold = _stats.add(area, waited=waited, held=kept, now=time.time(), label=held.label,
                                               pid=os.getpid(), host=_HOST, timeouts=timeouts, folded=folded,
                                               cold=slot.cold if mine else None)
                         if cold >= 0:  # else a newer format's area, left alone: never ours to count into
                             slot.cold = cold
                             slot.written = bytes(area)
-                    os.pwrite(slot.fds[0], _BLANKS + area, 0)
+                    if landed is None:
+                        os.pwrite(slot.fds[0], _BLANKS + area, 0)
+                    else:  # its result appended by C code as it returns: see _stats.Pending
+                        landed.extend(map(os.pwrite, (slot.fds[0],), (_BLANKS + area,), (0,)))
                 elif record_len:
                     os.pwrite(slot.fds[0], b" " * record_len, 0)
-                # A waiter that has waited too long gets the lock first (see _hand_over).
-                # (The header keeps a wait's start exactly, a repair rewrites it from the record, to the microsecond.)
-                oldest = slot.oldest_wait
-                starved = abs(oldest - slot.handed_to_nobody) > 1e-5 and time.time() - oldest > _queue.STARVE_AFTER
-                slot.handoff = oldest if oldest and starved else 0.0
+                # A waiter that has waited too long gets the lock first (see _hand_over), unless it was handed the
+                # lock in vain before: then the header is rewritten without it now and then (others' withdrawals
+                # put it back), so that the next oldest waiter is handed the lock instead.
+                oldest, slot.handoff = slot.oldest_wait, 0.0
+                if oldest and time.time() - oldest > _queue.STARVE_AFTER:
+                    if not _queue.among(oldest, slot.handed_to_nobody):
+                        slot.handoff = oldest
+                    elif time.monotonic() - slot.repaired_at > _REPAIR_EVERY:
+                        slot.repaired_at = time.monotonic()
+                        _queue.repair_oldest(slot.fds[0], unless=slot.handed_to_nobody)
         except OSError:
             pass
         finally:

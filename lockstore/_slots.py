@@ -53,10 +53,28 @@ else:  # pragma: no cover - no blocking flock (Windows): filelock's descriptor p
 class Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
 
-    __slots__ = ("acquired_at", "area", "cold", "external", "external_count", "fds", "flocked", "handed_to_nobody",
-                 "handoff", "inside",
-                 "key", "oldest_wait", "record_len", "refs", "timed_out", "waiter_fds", "waiters", "writable",
-                 "written")
+    __slots__ = (
+        "acquired_at",
+        "area",
+        "cold",
+        "external",
+        "external_count",
+        "fds",
+        "flocked",
+        "handed_to_nobody",
+        "handoff",
+        "inside",
+        "key",
+        "oldest_wait",
+        "record_len",
+        "refs",
+        "repaired_at",
+        "timed_out",
+        "waiter_fds",
+        "waiters",
+        "writable",
+        "written",
+    )
 
     def __init__(self, key: tuple[int, int]) -> None:
         super().__init__()
@@ -75,7 +93,7 @@ class Slot(OwnerLock):
         self.area: bytearray | None = None
         self.acquired_at = 0.0
         self.oldest_wait = 0.0
-        self.timed_out = Pending()
+        self.timed_out = pending(key)
         # The statistics area as this process wrote it last, and its first part's CRC: when the lock file still
         # holds exactly these bytes (nobody else took the lock since), they need not be checked again.
         self.written: bytes | None = None
@@ -84,7 +102,8 @@ class Slot(OwnerLock):
         # process's next acquisition first lets that waiter take it (see _sidecar.py). A wait handed the lock that
         # nobody took (a stopped waiter, or a dead one that still looks alive) is remembered, and not handed to again.
         self.handoff = 0.0
-        self.handed_to_nobody = 0.0
+        self.handed_to_nobody: list[float] = []  # the latest few such waits' starts
+        self.repaired_at = 0.0  # when this process last rewrote the header's oldest wait without them (monotonic)
         # FileLocks handed out as ``store.lock`` on this file (their is_locked answers for the calling thread).
         self.external: weakref.WeakSet[BaseFileLock] = weakref.WeakSet()
         self.external_count = 0  # how many were ever handed out: most slots have none, and need no look
@@ -109,6 +128,13 @@ class Slot(OwnerLock):
 
 
 SLOTS: dict[tuple[int, int], Slot] = {}
+#: This process's timeouts not counted yet, per lock file: kept when its slot is dropped (a Store closed between a
+#: timeout and the process's next acquisition on the file), given to the next slot of the file.
+PENDING: dict[tuple[int, int], Pending] = {}
+
+
+def pending(key: tuple[int, int]) -> Pending:
+    return Pending() if key == (0, 0) else PENDING.setdefault(key, Pending())
 #: Slots being created (their descriptor is open, the file's identity not yet known): a fork finds them here.
 FRESH: list[Slot] = []
 _LOCK = threading.Lock()
@@ -117,10 +143,11 @@ _LOCK = threading.Lock()
 def _after_fork() -> None:
     global _LOCK
     _LOCK = threading.Lock()
+    PENDING.clear()  # the parent's to count; and their locks may be held by threads gone here
     for slot in [*SLOTS.values(), *FRESH]:
         slot.close_files(forked=True)
         slot.handoff = 0.0
-        slot.timed_out = Pending()  # the parent's to count; and its lock may be held by a thread gone here
+        slot.timed_out = pending(slot.key)
         slot.inside = {}
     FRESH.clear()
 
@@ -148,6 +175,7 @@ def register(fresh: Slot, key: tuple[int, int], box: list[Slot | None]) -> Slot:
         slot = SLOTS.get(key)
         if slot is None:
             fresh.key = key
+            fresh.timed_out = pending(key)
             slot = SLOTS[key] = fresh
         old = _swap(slot, box)
     _drop_unused(old)
@@ -186,6 +214,8 @@ def drop_if_unused(slot: Slot) -> None:
             return
         if SLOTS.get(slot.key) is slot:
             del SLOTS[slot.key]
+            if not slot.timed_out:
+                PENDING.pop(slot.key, None)
     slot.close_files()
 
 

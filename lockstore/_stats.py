@@ -340,43 +340,82 @@ def _count_label(area: bytearray, label: str | None, n: int) -> tuple[int, bytes
     return flag, label_b
 
 
+class _Batch:
+    """Timeouts added between two releases that count them."""
+
+    __slots__ = ("folded", "items", "landed")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[TimedOut] = collections.deque()
+        self.folded: dict[object, Folded] = {}
+        self.landed: list[int] = []  # the write of the release that counted it: not empty once it landed
+
+
 class Pending:
     """This process's timeouts on one lock file, not counted yet: a waiter that timed out does not hold the lock, so
-    the process's next acquisition counts them. Threads add while the holding thread takes them, under ``lock``
-    (reentrant: a signal handler's own timeout may come while its thread is in here). The newest ``KEEP`` are kept
-    whole (the statistics show the last few); older ones are folded into counts per label, so that memory stays
-    bounded however many waits time out before the next acquisition."""
+    the process's next acquisition counts them. Threads add while the holding thread counts them, under ``lock``
+    (reentrant: a signal handler's own timeout may come while its thread is in here). The newest ``KEEP`` of a batch
+    are kept whole (the statistics show the last few); older ones are folded into counts per label, so that memory
+    stays bounded however many waits time out before the next acquisition.
 
-    __slots__ = ("folded", "items", "lock")
+    Counting must survive an interrupt at any point of the release: :meth:`begin` seals the batch being added to and
+    hands over every sealed batch, each of which stays until the write of a release that counted it has landed. The
+    release's ``pwrite`` appends its result to the list given to ``begin`` from C code, with no point in between
+    where a signal handler could run; every step before is idempotent. So an interrupted release counts nothing
+    twice and loses nothing: the next one counts what did not land."""
+
+    __slots__ = ("batch", "lock", "sealed")
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.items: collections.deque[TimedOut] = collections.deque()
-        self.folded: dict[object, Folded] = {}
+        self.batch = _Batch()
+        self.sealed: list[_Batch] = []
 
     def __bool__(self) -> bool:
-        return bool(self.items or self.folded)
+        batch = self.batch
+        return bool(self.sealed or batch.items or batch.folded)
 
     def add(self, timeouts: Iterable[TimedOut]) -> None:
         with self.lock:
+            batch = self.batch
             for t in timeouts:
-                self.items.append(t)
-                if len(self.items) > KEEP:
-                    self._fold(self.items.popleft())
+                batch.items.append(t)
+                if len(batch.items) > KEEP:
+                    _fold(batch.folded, batch.items.popleft())
 
-    def _fold(self, t: TimedOut) -> None:
-        key: object = t.label
-        if key not in self.folded and len(self.folded) >= FOLDED_LABELS:
-            key = _OTHER_LABELS
-        n, low, high = self.folded.get(key, (0, t.timeout, t.timeout))
-        self.folded[key] = (n + 1, min(low, t.timeout), max(high, t.timeout))
-
-    def take(self) -> tuple[list[TimedOut], dict[object, Folded]]:
-        """Everything pending, which is pending no more (counted by the caller, or dropped by a reset)."""
+    def begin(self, landed: list[int]) -> tuple[list[TimedOut], dict[object, Folded]]:
+        """Everything to count now, oldest first; counted for good once the caller's write appends to ``landed``."""
         with self.lock:
-            taken = list(self.items), self.folded
-            self.items, self.folded = collections.deque(), {}
-        return taken
+            while self.sealed and self.sealed[0].landed:
+                del self.sealed[0]  # counted by a write that landed
+            batch = self.batch
+            if batch.items or batch.folded:
+                if not self.sealed or self.sealed[-1] is not batch:  # not sealed yet by an interrupted call
+                    self.sealed.append(batch)
+                self.batch = _Batch()
+            items: list[TimedOut] = []
+            folded: dict[object, Folded] = {}
+            for sealed in self.sealed:
+                sealed.landed = landed
+                items.extend(sealed.items)
+                for key, (n, low, high) in sealed.folded.items():
+                    m, low2, high2 = folded.get(key, (0, low, high))
+                    folded[key] = (n + m, min(low, low2), max(high, high2))
+            return items, folded
+
+    def take(self) -> None:
+        """Drop everything pending (a statistics reset: they came before it)."""
+        with self.lock:
+            self.sealed = []
+            self.batch = _Batch()
+
+
+def _fold(folded: dict[object, Folded], t: TimedOut) -> None:
+    key: object = t.label
+    if key not in folded and len(folded) >= FOLDED_LABELS:
+        key = _OTHER_LABELS
+    n, low, high = folded.get(key, (0, t.timeout, t.timeout))
+    folded[key] = (n + 1, min(low, t.timeout), max(high, t.timeout))
 
 
 __all__ = ["KEEP", "OFFSET", "SIZE", "Folded", "Pending", "add", "count", "fresh", "newer", "parse"]

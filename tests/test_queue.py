@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -383,9 +384,16 @@ def test_a_waiter_that_never_takes_the_lock_is_handed_it_once_not_at_every_relea
     assert len(calls) == 1
     assert [w.label for w in store.waiters()] == ["stopped"]  # alive and waiting: still listed
     slot: Any = store._core.storage._native[store.lock_file]._box[0]  # type: ignore[attr-defined]
+    since = store.waiters()[0].waiting_since
+    assert since is not None
     calls.clear()
     for _ in range(10):
-        slot.handed_to_nobody = 0.0  # forgotten after each release that remembered it: every other one hands over
+        # Forgotten, and the header naming it again (as the repair that left it out is undone by a withdrawal):
+        # every other acquisition hands over to nobody.
+        slot.handed_to_nobody = []
+        with open(str(store.lock_file), "r+b") as f:
+            f.seek(_queue.HEADER + 8)
+            f.write(struct.pack("<d", since))
         with store.transaction() as s:
             s.value["n"] += 1
     assert len(calls) >= 4
@@ -428,3 +436,78 @@ def test_a_killed_waiter_of_another_pid_namespace_is_not_listed_and_not_handed_t
     os.kill(int(inner.stdout.split()[0]), signal.SIGKILL)
     outer.communicate(timeout=DEADLINE)
     _dead_waiter_is_gone(store, monkeypatch)
+
+
+def test_after_a_hand_over_nobody_took_later_waiters_are_still_handed_the_lock(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header keeps only the oldest wait: remembering a wait handed the lock in vain must not turn the hand-over
+    off for the waiters behind it (they starved while a stopped waiter was announced). Each wait that cannot take
+    the lock is tried once; the header is rewritten without them, also after others' withdrawals put one back."""
+    from lockstore._sidecar import SidecarLock
+
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    _stuck_waiter(store, procs, "stopped-1")
+    _stuck_waiter(store, procs, "stopped-2")
+    targets: list[float] = []
+    real = SidecarLock._hand_over
+
+    def recorded(slot: Any) -> None:
+        targets.append(slot.handoff)
+        real(slot)
+
+    monkeypatch.setattr(SidecarLock, "_hand_over", staticmethod(recorded))
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            with store.transaction() as s:
+                s.value["n"] += 1
+
+    starts = sorted(w.waiting_since or 0.0 for w in store.waiters())
+    run(30)
+    assert len(targets) == 2 and all(abs(t - s) < 1e-5 for t, s in zip(targets, starts, strict=True))
+    _stuck_waiter(store, procs, "live")  # newest
+    newest = max(w.waiting_since or 0.0 for w in store.waiters())
+    lock_file = store.lock_file
+    assert lock_file is not None
+    with open(lock_file, "r+b") as f:  # what a withdrawal does: the oldest live record's start, back in the header
+        f.seek(_queue.HEADER + 8)
+        f.write(struct.pack("<d", starts[0]))
+    end = time.monotonic() + DEADLINE
+    while len(targets) < 3 and time.monotonic() < end:
+        run(1)
+    assert len(targets) == 3 and abs(targets[2] - newest) < 1e-5
+
+
+def test_a_try_that_finds_the_lock_taken_is_counted_when_its_process_exits_at_once(data_file: str) -> None:
+    """``blocking=False`` (``lockstore incr -n`` in a cron job) gives up without waiting: it left no mark, so its
+    timeout lived only in its process and died with it. Control: the holder's own transaction is counted."""
+    store: lockstore.Store[Any] = lockstore.open(data_file, default={}, durable=False)
+    cli = [sys.executable, "-m", "lockstore", "incr", "-n", "-E", "75", data_file, "runs"]
+    with store.transaction():
+        for _ in range(3):
+            assert subprocess.run(cli, capture_output=True, timeout=DEADLINE, check=False).returncode == 75
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert stats is not None and (stats.acquisitions, stats.timeouts) == (2, 3)
+    assert stats.timeout_max == 0.0
+
+
+def test_a_timeout_is_counted_after_every_store_on_the_file_was_closed(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout that could leave no mark (every waiter slot taken) is this process's to count at its next
+    acquisition; closing every Store on the file before that dropped it with the file's slot."""
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
+    procs.append(holder)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    monkeypatch.setattr(_queue, "announce", lambda *args: None)  # as when all 64 slots are taken
+    store: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.05):
+        pass
+    store.close()
+    holder.communicate("go\n", timeout=DEADLINE)
+    again: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with again.transaction():
+        pass
+    stats = again.stats()
+    assert stats is not None and (stats.acquisitions, stats.timeouts) == (2, 1)

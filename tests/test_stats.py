@@ -665,9 +665,12 @@ def test_pending_timeouts_fold_beyond_keep_and_all_are_counted() -> None:
     pending.add(TimedOut(0.1, 0.1 + i % 3, "poller" if i % 2 else None, 1000 + i, T0 + i) for i in range(n))
     pending.add(TimedOut(0.5, 9.0, f"job-{i}", 5000 + i, T0 + n + i) for i in range(_stats.FOLDED_LABELS + 5))
     total = n + _stats.FOLDED_LABELS + 5
-    assert len(pending.items) == _stats.KEEP and len(pending.folded) <= _stats.FOLDED_LABELS + 1
+    assert len(pending.batch.items) == _stats.KEEP and len(pending.batch.folded) <= _stats.FOLDED_LABELS + 1
     area = fresh(T0)
-    timeouts, folded = pending.take()
+    landed: list[int] = []
+    timeouts, folded = pending.begin(landed)
+    landed.append(0)  # as the release's write does
+    pending.begin([])
     assert not pending
     add(area, waited=0.0, held=0.0, now=T0 + 10_000, label=None, pid=1, host="h", timeouts=timeouts, folded=folded)
     stats = stats_of(area)
@@ -714,7 +717,9 @@ def test_pending_timeouts_of_threads_are_never_lost() -> None:
         return sum(added), taken[0]
 
     def take_pending(p: _stats.Pending) -> int:
-        items, folded = p.take()
+        landed: list[int] = []
+        items, folded = p.begin(landed)
+        landed.append(0)  # as the release's write does
         return len(items) + sum(n for n, _, _ in folded.values())
 
     assert len(set(run(_stats.Pending(), lambda p, t: p.add((t,)), take_pending))) == 1
