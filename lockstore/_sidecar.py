@@ -274,11 +274,10 @@ class SidecarLock:
             while os.pread(fd, 1, 0) in (b"", b" "):
                 if time.monotonic() >= deadline:
                     # Nobody came: the oldest wait in the header was stale (a killed waiter's, or one a racing
-                    # withdrawal wrote back), or its waiter cannot take the lock (stopped, or dead and not known
-                    # to be). Put the true one there, and never hand over to this wait again: either would
-                    # otherwise make every release hand over to nobody.
+                    # withdrawal wrote back), or its waiter cannot take the lock (stopped). Never hand over to this
+                    # wait again, and let this turn's release put the true oldest wait into the header: either would
+                    # otherwise make every release, this process's and others', hand over to nobody.
                     slot.handed_to_nobody = [*slot.handed_to_nobody[-7:], since]
-                    _queue.repair_oldest(fd, unless=slot.handed_to_nobody)
                     break
                 time.sleep(_HANDOFF_POLL)
         except OSError:

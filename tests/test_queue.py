@@ -511,3 +511,50 @@ def test_a_timeout_is_counted_after_every_store_on_the_file_was_closed(
         pass
     stats = again.stats()
     assert stats is not None and (stats.acquisitions, stats.timeouts) == (2, 1)
+
+
+_COUNT_HAND_OVERS = """
+import sys, lockstore
+from lockstore._sidecar import SidecarLock
+calls = []
+real = SidecarLock._hand_over
+def counted(slot):
+    calls.append(1)
+    real(slot)
+SidecarLock._hand_over = staticmethod(counted)
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+for _ in range(20):
+    with store.transaction() as s:
+        s.value["n"] += 1
+print(len(calls), flush=True)
+"""
+
+
+def test_a_stale_oldest_wait_handed_the_lock_in_vain_is_repaired_for_every_process(data_file: str) -> None:
+    """The header names a wait nobody waits for (a racing withdrawal wrote it back): the first process to hand the
+    lock over to it in vain rewrites the header, so that other processes do not hand over to nobody too (each
+    remembering it only for itself). Control: this process hands over once."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with store.transaction():
+        pass
+    with open(str(store.lock_file), "r+b") as f:
+        f.seek(_queue.HEADER)
+        f.write(_queue._HEAD.pack(_queue._MAGIC, 0, time.time() - 1.0))
+    calls = []
+    from lockstore._sidecar import SidecarLock
+
+    real = SidecarLock._hand_over
+
+    def counted(slot: Any) -> None:
+        calls.append(1)
+        real(slot)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SidecarLock, "_hand_over", staticmethod(counted))
+        for _ in range(5):
+            with store.transaction() as s:
+                s.value["n"] += 1
+    assert len(calls) == 1
+    other = subprocess.run([sys.executable, "-c", _COUNT_HAND_OVERS, data_file], capture_output=True, text=True,
+                           timeout=DEADLINE, check=True)
+    assert other.stdout.strip() == "0"
