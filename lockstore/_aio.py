@@ -96,12 +96,12 @@ async def acquire_file(storage: FileStorage, held: FileHeld, *, timeout: float, 
         if turn.owner is held.owner:
             raise LockReentryError(lock.lock_file)  # this task holds it through another Store object
         if once and turn.locked():
-            raise await _timeout(lock, 0.0)
+            raise await _timeout(lock, held, start, 0.0, label)
         try:
             async with asyncio.timeout(None if timeout < 0 else max(0.0, start + timeout - time.monotonic())):
                 await turn.acquire()
         except TimeoutError:
-            raise await _timeout(lock, time.monotonic() - start) from None
+            raise await _timeout(lock, held, start, timeout, label) from None
         held.turn = turn
         turn.owner = held.owner
         stale = await _take(lock, held, start, timeout, once, storage.poll_interval, label)
@@ -131,7 +131,7 @@ async def _take(lock: Lock, held: FileHeld, start: float, timeout: float, once: 
         if timeout >= 0:
             seconds = start + timeout - time.monotonic()
             if once or seconds <= 0:
-                raise await _timeout(lock, time.monotonic() - start)
+                raise await _timeout(lock, held, start, 0.0 if once else timeout, label)
         if isinstance(lock, SidecarLock):
             got = await _wait_in_thread(lock, held, _SLICE if seconds < 0 else min(_SLICE, seconds), poll_interval,
                                         label)
@@ -182,8 +182,18 @@ async def _wait_in_thread(lock: SidecarLock, held: FileHeld, seconds: float, pol
         raise
 
 
-async def _timeout(lock: Lock, waited: float) -> LockTimeout:
-    return await asyncio.to_thread(lock.timeout_error, waited)  # reads the lock file and may import psutil
+async def _timeout(lock: Lock, held: FileHeld, start: float, timeout: float, label: str | None) -> LockTimeout:
+    """The LockTimeout of a wait that gave up; a native lock's leaves its mark in the lock file first, so that it
+    is counted even when the process exits at once (its slices never left one)."""
+
+    def give_up() -> LockTimeout:
+        if isinstance(lock, SidecarLock):
+            lock.mark_aside(held.lock_held, start, timeout, label)
+            return lock.timeout_error(time.monotonic() - start, label=label, timeout=timeout,
+                                      counted=lock.counted(held.lock_held))
+        return lock.timeout_error(time.monotonic() - start)
+
+    return await asyncio.to_thread(give_up)  # reads the lock file and may import psutil
 
 
 async def aread(path: Any, default: Any = None, **kwargs: Any) -> Any:

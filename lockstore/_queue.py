@@ -196,17 +196,19 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
         pass
 
 
-def repair_oldest(fd: int, unless: list[float] = []) -> None:  # noqa: B006 - never changed
+def repair_oldest(fd: int, unless: list[float] = []) -> list[float]:  # noqa: B006 - never changed
     """Rewrite the header's oldest wait from the slots of waiters still alive (0 when none), leaving out the waits
     that start at one of ``unless`` (see :func:`among`): after a hand-over that nobody took, the header named a
     wait that had ended, or whose waiter cannot take the lock (stopped). A waiter announcing meanwhile may lose its
-    start to this write; it only delays that waiter's hand-over until another waiter rewrites the header."""
+    start to this write; it only delays that waiter's hand-over until another waiter rewrites the header. Returns
+    the starts of the waits found (all of them, ``unless`` included)."""
     try:
-        remaining = [w.waiting_since for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT), fd)]
+        remaining = [w.waiting_since or 0.0 for w in _records(os.pread(fd, SLOT * SLOTS, FIRST_SLOT), fd)]
         starts = [s for s in remaining if s and not among(s, unless)]
         os.pwrite(fd, struct.pack("<d", min(starts, default=0.0)), HEADER + 8)
     except OSError:
-        pass
+        return list(unless)  # nothing learnt
+    return remaining
 
 
 def among(since: float, starts: list[float]) -> bool:

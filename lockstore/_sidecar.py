@@ -237,6 +237,8 @@ class SidecarLock:
             if conflicts(slot.owner(), ticket.owner) or ticket.owner in slot.inside:
                 raise LockReentryError(self.lock_file)
             if not slot.take(ticket, _remaining(start, timeout) if blocking else 0.0):
+                if final:  # another thread of this process held the lock file's slot all along
+                    self.mark_aside(held, start, timeout if blocking else 0.0, label)
                 raise _TimedOut
             if not self._ready(slot):
                 slot.give(ticket)
@@ -277,7 +279,7 @@ class SidecarLock:
                     # withdrawal wrote back), or its waiter cannot take the lock (stopped). Never hand over to this
                     # wait again, and let this turn's release put the true oldest wait into the header: either would
                     # otherwise make every release, this process's and others', hand over to nobody.
-                    slot.handed_to_nobody = [*slot.handed_to_nobody[-7:], since]
+                    slot.handed_to_nobody = [*slot.handed_to_nobody[-_queue.SLOTS:], since]
                     break
                 time.sleep(_HANDOFF_POLL)
         except OSError:
@@ -305,17 +307,37 @@ class SidecarLock:
                 self._withdraw_all(held)  # an interrupt cut the first call short
                 raise
 
-    def _give_up(self, held: Held, fd: int, start: float, label: str | None) -> None:
+    def _give_up(self, held: Held, fd: int, start: float, label: str | None, timeout: float = 0.0) -> None:
         """A try that found the lock taken (``blocking=False``): leave a timed-out mark, as a wait that timed out
         does, so that the try is counted even when its process exits at once (``lockstore incr -n`` in a cron job)."""
         try:
-            held.announced.extend(map(_queue.announce, (fd,), (label,), (0.0,)))  # see _wait
-            self._leave_mark(held, start, 0.0, label)
+            held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))  # see _wait
+            self._leave_mark(held, start, timeout, label)
         finally:
             try:
                 self._withdraw_all(held)
             except BaseException:
                 self._withdraw_all(held)  # an interrupt cut the first call short
+                raise
+
+    def mark_aside(self, held: object, start: float, timeout: float, label: str | None) -> None:
+        """A wait that timed out before it reached the flock (behind another thread of this process, or an
+        asyncio wait given up between its slices): leave its timed-out mark through a descriptor of its own (the
+        slot's may be in another thread's hands), so that it is counted even when the process exits at once."""
+        assert isinstance(held, Held)
+        if held.counted:
+            return
+        probe: list[io.FileIO] = []
+        try:
+            fd = open_probe(probe, self.lock_file, os.O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+            self._give_up(held, fd, start, label, timeout)
+        except OSError:
+            pass  # not counted here: this process counts it at its next acquisition
+        finally:
+            try:
+                close_probes(probe)
+            except BaseException:
+                close_probes(probe)  # an interrupt cut the first call short
                 raise
 
     @staticmethod
@@ -475,7 +497,9 @@ class SidecarLock:
                     if held.resets:
                         area[:] = _stats.fresh(time.time())
                         slot.written = None
-                        slot.timed_out.take()  # this process's timeouts so far came before the reset
+                        # This process's timeouts so far came before the reset: dropped once the fresh area lands.
+                        landed = []
+                        slot.timed_out.begin(landed)
                     else:
                         acquired_at = slot.acquired_at
                         waited, kept = acquired_at - held.start, time.monotonic() - acquired_at
@@ -512,7 +536,9 @@ class SidecarLock:
                         slot.handoff = oldest
                     elif time.monotonic() - slot.repaired_at > _REPAIR_EVERY:
                         slot.repaired_at = time.monotonic()
-                        _queue.repair_oldest(slot.fds[0], unless=slot.handed_to_nobody)
+                        live = _queue.repair_oldest(slot.fds[0], unless=slot.handed_to_nobody)
+                        # Remembered only while they wait: never more than the lock file's slots.
+                        slot.handed_to_nobody = [s for s in slot.handed_to_nobody if _queue.among(s, live)]
         except OSError:
             pass
         finally:
@@ -636,6 +662,11 @@ class SidecarLock:
         slot.external.add(lock)
         slot.external_count += 1
         return lock
+
+    @staticmethod
+    def counted(held: object) -> bool:
+        """Whether the timeout of ``held``'s wait is marked in the lock file (the next holder counts it)."""
+        return isinstance(held, Held) and held.counted
 
     def held_here(self, held: Held) -> bool:
         return held.slot is not None and held.slot.held_by(held.ticket)

@@ -403,12 +403,6 @@ class Pending:
                     folded[key] = (n + m, min(low, low2), max(high, high2))
             return items, folded
 
-    def take(self) -> None:
-        """Drop everything pending (a statistics reset: they came before it)."""
-        with self.lock:
-            self.sealed = []
-            self.batch = _Batch()
-
 
 def _fold(folded: dict[object, Folded], t: TimedOut) -> None:
     key: object = t.label

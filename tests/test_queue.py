@@ -25,6 +25,7 @@ from _children import DEADLINE, HOLDER_SCRIPT, read_line, spawn_script
 
 import lockstore
 from lockstore import _proclocks, _queue
+from lockstore._stats_report import LabelCount
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks (Linux)")]
@@ -558,3 +559,83 @@ def test_a_stale_oldest_wait_handed_the_lock_in_vain_is_repaired_for_every_proce
     other = subprocess.run([sys.executable, "-c", _COUNT_HAND_OVERS, data_file], capture_output=True, text=True,
                            timeout=DEADLINE, check=True)
     assert other.stdout.strip() == "0"
+
+
+_ASYNC_GIVES_UP = """
+import asyncio, sys, lockstore
+async def main():
+    store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+    try:
+        async with store.atransaction(timeout=0.2, blocking=sys.argv[2] == "wait", label="async"):
+            pass
+    except lockstore.LockTimeout:
+        print("timedout", flush=True)
+asyncio.run(main())
+"""
+
+
+def test_asyncio_timeouts_and_tries_are_counted_when_their_process_exits_at_once(
+        data_file: str, procs: list[subprocess.Popen[str]]) -> None:
+    """An asyncio wait waits in slices, none of which left a mark, and a ``blocking=False`` try left none either:
+    their timeouts lived only in their process. Control: the holder's own transaction is counted."""
+    holder = spawn_script(HOLDER_SCRIPT, data_file)
+    procs.append(holder)
+    assert read_line(holder.stdout, DEADLINE) == "ready"
+    for mode in ("wait", "try", "wait", "try"):
+        out = subprocess.run([sys.executable, "-c", _ASYNC_GIVES_UP, data_file, mode], capture_output=True,
+                             text=True, timeout=DEADLINE, check=True).stdout
+        assert out.strip() == "timedout"
+    holder.communicate("go\\n", timeout=DEADLINE)
+    store: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert stats is not None and (stats.acquisitions, stats.timeouts) == (2, 4)
+    assert stats.timeout_labels == (LabelCount("async", 4),)
+
+
+_THREAD_GIVES_UP_THEN_EXIT = """
+import os, sys, threading, lockstore
+store = lockstore.open(sys.argv[1], default={"n": 0}, durable=False)
+inside = threading.Event()
+def hold():
+    with store.transaction():
+        inside.set()
+        threading.Event().wait()
+threading.Thread(target=hold, daemon=True).start()
+inside.wait()
+try:
+    with store.transaction(timeout=0.05, label="thread"):
+        pass
+except lockstore.LockTimeout:
+    print("timedout", flush=True)
+os._exit(0)  # the holding thread never releases: nothing of this process counts the timeout
+"""
+
+
+def test_a_wait_behind_another_thread_is_counted_when_its_process_exits_at_once(data_file: str) -> None:
+    """A wait that timed out behind another thread of its own process never reached the flock, so it left no mark:
+    counted only at that process's next acquisition, never if it exited first."""
+    out = subprocess.run([sys.executable, "-c", _THREAD_GIVES_UP_THEN_EXIT, data_file], capture_output=True,
+                         text=True, timeout=DEADLINE, check=True).stdout
+    assert out.strip() == "timedout"
+    store: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with store.transaction():
+        pass
+    stats = store.stats()
+    assert stats is not None and stats.timeouts == 1 and stats.timeout_labels == (LabelCount("thread", 1),)
+
+
+def test_more_waiters_that_never_take_the_lock_than_were_remembered_are_each_handed_it_once(
+        data_file: str, procs: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory of waits handed the lock in vain kept the last 8: a ninth pushed the first out, the header's
+    repair put it back, and the lock was handed to nobody every 20 ms for as long as they waited."""
+    store = lockstore.open(data_file, default={"n": 0}, durable=False)
+    calls = _hand_overs(monkeypatch)
+    for i in range(10):
+        _stuck_waiter(store, procs, f"stopped-{i}")
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        with store.transaction() as s:
+            s.value["n"] += 1
+    assert len(calls) == 10

@@ -763,3 +763,37 @@ def test_interrupt_anywhere_in_a_release_that_counts_pending_timeouts_loses_none
             break
     assert problems == []
     assert walked > 20
+
+
+def test_interrupt_anywhere_in_a_statistics_reset_keeps_or_drops_timeouts_with_it(tmp_path: Path) -> None:
+    # A reset drops this process's pending timeouts (they came before it), but only if its fresh area is written:
+    # an interrupt that stops the reset before its write must leave them to be counted.
+    from lockstore._stats_report import TimedOut
+
+    path = tmp_path / "d.json"
+    store = lockstore.open(path, default={"n": 0}, durable=False)
+    store.commit()
+    with store.transaction():
+        pass
+    storage: Any = store._core.storage  # white box: the slot of the lock file
+    slot = storage._native[str(path) + ".lock"]._box[0]
+    problems: list[str] = []
+    walked = 0
+    expected = 0
+    for k in range(1, 400):
+        before = store.stats()
+        assert before is not None
+        slot.timed_out.add([TimedOut(0.5, 0.5, "pending", os.getpid(), time.time())])
+        fired, raised, where = inject(k, store.reset_stats, within="SidecarLock._let_go")
+        with store.transaction():
+            pass  # counts what the reset left
+        stats = store.stats()
+        assert stats is not None
+        expected = 0 if stats.since != before.since else expected + 1
+        if stats.timeouts != expected:
+            problems.append(f"k={k} {where} -> {raised}: {stats.timeouts} timeouts counted, {expected} expected")
+        if not fired:
+            walked = k - 1
+            break
+    assert problems == []
+    assert walked > 10
