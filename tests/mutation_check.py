@@ -239,6 +239,22 @@ MUTATIONS = [
       "        if slot.writable:\n            held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))\n"
       "        try:\n            if False:\n",
       ("tests/test_signals.py::test_interrupt_at_every_point_of_the_wait_itself_leaves_no_announcement",)),
+    # The ninth review's fixes.
+    M("an asyncio wait that gives up leaves no mark", "_aio.py",
+      "            lock.mark_aside(held.lock_held, start, timeout, label)\n", "            pass\n",
+      ("tests/test_queue.py::test_asyncio_timeouts_and_tries_are_counted_when_their_process_exits_at_once",)),
+    M("a wait behind another thread of the process leaves no mark", "_sidecar.py",
+      "                    self.mark_aside(held, start, timeout if blocking else 0.0, label)\n",
+      "                    pass\n",
+      ("tests/test_queue.py::test_a_wait_behind_another_thread_is_counted_when_its_process_exits_at_once",)),
+    M("waits handed the lock in vain remembered only 8 at a time", "_sidecar.py",
+      "                    slot.handed_to_nobody = [*slot.handed_to_nobody[-_queue.SLOTS:], since]\n",
+      "                    slot.handed_to_nobody = [*slot.handed_to_nobody[-7:], since]\n",
+      ("tests/test_queue.py::test_more_waiters_that_never_take_the_lock_than_were_remembered_are_each_handed_it_once",)),
+    M("a reset drops pending timeouts before its write lands", "_sidecar.py",
+      "                        landed = []\n                        slot.timed_out.begin(landed)\n",
+      "                        slot.timed_out.begin([0])\n",
+      (SIGNALS + "::test_interrupt_anywhere_in_a_statistics_reset_keeps_or_drops_timeouts_with_it",)),
 ]
 
 
