@@ -568,10 +568,18 @@ class SidecarLock:
         """The LockTimeout for a wait of ``waited`` s, naming the holder. A waiter that does not hold the lock
         cannot write the statistics: its wait is counted by the next holder from the mark it left in the lock
         file (``counted``), or else at this process's next acquisition."""
-        slot = self._box[0]
-        if not counted and slot is not None:
-            slot.timed_out.add((TimedOut(waited, waited if timeout is None else timeout, label, os.getpid(),
-                                         time.time()),))
+        if not counted:
+            slot = self._box[0]
+            pending = None if slot is None else slot.timed_out
+            if pending is None:  # this Store has not used the lock file yet (an asyncio wait for its loop's turn)
+                try:
+                    st = os.lstat(self.lock_file)
+                    pending = _slots.pending((st.st_dev, st.st_ino))
+                except OSError:
+                    pass  # no lock file: nothing to count into
+            if pending is not None:
+                pending.add((TimedOut(waited, waited if timeout is None else timeout, label, os.getpid(),
+                                      time.time()),))
         holder, stale = self.holder_and_staleness()
         return LockTimeout(self.lock_file, waited, path=self.data_path, holder=holder, holder_stale=stale)
 

@@ -255,6 +255,10 @@ MUTATIONS = [
       "                        landed = []\n                        slot.timed_out.begin(landed)\n",
       "                        slot.timed_out.begin([0])\n",
       (SIGNALS + "::test_interrupt_anywhere_in_a_statistics_reset_keeps_or_drops_timeouts_with_it",)),
+    # The tenth review's fix.
+    M("a timeout through a Store that has not used the lock file dropped", "_sidecar.py",
+      "                    pending = _slots.pending((st.st_dev, st.st_ino))\n", "                    pass\n",
+      ("tests/test_queue.py::test_an_asyncio_timeout_through_a_store_that_never_took_the_lock_is_counted",)),
 ]
 
 

@@ -639,3 +639,39 @@ def test_more_waiters_that_never_take_the_lock_than_were_remembered_are_each_han
         with store.transaction() as s:
             s.value["n"] += 1
     assert len(calls) == 10
+
+
+def test_an_asyncio_timeout_through_a_store_that_never_took_the_lock_is_counted(
+        data_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task of a loop waits for the loop's turn behind another task (on another Store of the same file) and gives
+    up; with no mark possible (every waiter slot taken), its timeout is this process's to count, but its Store had
+    no slot of the lock file to keep it in, and it was dropped."""
+    import asyncio
+
+    first: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    second: lockstore.Store[Any] = lockstore.open(data_file, default={"n": 0}, durable=False)
+    with first.transaction():
+        pass  # the lock file exists
+    monkeypatch.setattr(_queue, "announce", lambda *args: None)  # as when all 64 slots are taken
+
+    async def main() -> None:
+        inside, leave = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with first.atransaction():
+                inside.set()
+                await leave.wait()
+
+        holder = asyncio.create_task(hold())
+        await inside.wait()
+        with pytest.raises(lockstore.LockTimeout):
+            async with second.atransaction(blocking=False):
+                pass
+        leave.set()
+        await holder
+
+    asyncio.run(main())
+    with second.transaction():
+        pass
+    stats = second.stats()
+    assert stats is not None and (stats.acquisitions, stats.timeouts) == (3, 1)
