@@ -40,6 +40,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 try:
@@ -196,7 +197,7 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
         pass
 
 
-def repair_oldest(fd: int, unless: list[float] = []) -> list[float]:  # noqa: B006 - never changed
+def repair_oldest(fd: int, unless: Sequence[float] = ()) -> list[float]:
     """Rewrite the header's oldest wait from the slots of waiters still alive (0 when none), leaving out the waits
     that start at one of ``unless`` (see :func:`among`): after a hand-over that nobody took, the header named a
     wait that had ended, or whose waiter cannot take the lock (stopped). A waiter announcing meanwhile may lose its
@@ -211,7 +212,7 @@ def repair_oldest(fd: int, unless: list[float] = []) -> list[float]:  # noqa: B0
     return remaining
 
 
-def among(since: float, starts: list[float]) -> bool:
+def among(since: float, starts: Sequence[float]) -> bool:
     """Whether a wait's start is one of ``starts``: the header keeps it exactly, a record to the microsecond."""
     return any(abs(since - s) < 1e-5 for s in starts)
 

@@ -308,8 +308,9 @@ class SidecarLock:
                 raise
 
     def _give_up(self, held: Held, fd: int, start: float, label: str | None, timeout: float = 0.0) -> None:
-        """A try that found the lock taken (``blocking=False``): leave a timed-out mark, as a wait that timed out
-        does, so that the try is counted even when its process exits at once (``lockstore incr -n`` in a cron job)."""
+        """A try that found the lock taken (``blocking=False``), or a wait that gave up without reaching the flock
+        (:meth:`mark_aside`): announce it and turn the announcement into its timed-out mark at once, as a wait that
+        timed out does, so that it is counted even when its process exits at once (``lockstore incr -n`` in cron)."""
         try:
             held.announced.extend(map(_queue.announce, (fd,), (label,), (timeout,)))  # see _wait
             self._leave_mark(held, start, timeout, label)
