@@ -275,7 +275,7 @@ _stats_free: Any = None
 
 def stats_free_lock_class() -> Any:
     """A SidecarLock subclass (lockstore is untouched) whose ``_mark`` does what 0.1.x did: read 1 byte (a stale
-    record?), write the record, and leave ``slot.area`` None, so the release blanks only the record (one pwrite of
+    record?), write the record, and leave ``slot.head`` None, so the release blanks only the record (one pwrite of
     ``record_len`` blanks) and updates no statistics (and reads no waiters' header)."""
     global _stats_free
     if _stats_free is not None:
@@ -285,7 +285,7 @@ def stats_free_lock_class() -> Any:
     class NoStatsLock(_sidecar.SidecarLock):
         def _mark(self, slot: Any, label: str | None) -> bool:
             slot.acquired_at = time.monotonic()
-            slot.area = None
+            slot.head = None
             slot.oldest_wait = 0.0
             if not slot.writable:
                 return True

@@ -45,13 +45,14 @@ class _Resolver:
     link on the way was switched), so that the usual case costs a ``stat`` and an ``lstat``, not a ``realpath``.
     """
 
-    __slots__ = ("base", "directory", "key", "path", "real")
+    __slots__ = ("base", "directory", "key", "leaf", "path", "real")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.directory, self.base = os.path.split(path)
         self.key: tuple[int, int] | None = None
         self.real = self.directory
+        self.leaf = path  # os.path.join(self.real, self.base) once key is known, set with them
 
     def __call__(self) -> tuple[str, os.stat_result | None]:
         """(the file's path with every symlink resolved, its stat or None when missing)."""
@@ -66,11 +67,13 @@ class _Resolver:
                     same = (found.st_dev, found.st_ino) == key
                 except OSError:  # e.g. a process that entered the directory, then lost the right to reach it
                     same = False
-                self.real, self.key = (real if same else self.directory), key
-            leaf = os.path.join(self.real, self.base)
+                # One tuple assignment, no call in between: an interrupt never leaves them out of step.
+                self.real, self.leaf, self.key = ((real, os.path.join(real, self.base), key) if same else
+                                                  (self.directory, os.path.join(self.directory, self.base), key))
+            leaf = self.leaf
             st = os.lstat(leaf)
         except FileNotFoundError:
-            return (os.path.join(self.real, self.base) if self.key else path), None
+            return (self.leaf if self.key else path), None
         except OSError as exc:
             raise with_path(exc, path) from None
         if not stat.S_ISLNK(st.st_mode):
@@ -161,7 +164,8 @@ class FileStorage:
         go: closing the last descriptor of a replaced file frees its inode, which costs the file system more than
         the rest of a small transaction's bookkeeping, and must not keep the lock busy."""
         self._pins, self._next, self._retired = self._next, self._retired, self._pins
-        close_all(self._next)  # left over by an interrupted operation, if anything
+        if self._next:
+            close_all(self._next)  # left over by an interrupted operation
 
     def _read(self, path: str, name: str) -> Stored:
         close_all(self._next)
@@ -206,8 +210,9 @@ class FileStorage:
     # ------------------------------------------------------------------------------------------- writing
     def _write(self, target: str, data: bytes, like: os.stat_result | None) -> object:
         # Descriptors an interrupt left in our lists last time are closed now (each list is only ever ours).
-        close_all(self._next)
-        close_all(self._scratch)
+        if self._next or self._scratch:
+            close_all(self._next)
+            close_all(self._scratch)
         prefix = self._prefixes.get(target)
         if prefix is None:
             prefix = self._prefixes[target] = _atomic.temp_prefix(target)

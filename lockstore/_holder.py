@@ -70,15 +70,27 @@ class Holder:
         return f"held for {self.held_for:.1f} s by {who}: {cmd}{label}"
 
 
-_static: tuple[int, str] | None = None
+_static: tuple[int, str, bytes] | None = None
 
 
 def _process_prefix() -> str:
     """The JSON head of this process's records, computed once per process (and again after fork)."""
-    global _static
     pid = os.getpid()
     if _static is not None and _static[0] == pid:
         return _static[1]
+    return _made_prefix(pid)[1]
+
+
+def _prefix_bytes() -> bytes:
+    """:func:`_process_prefix`, encoded (what every record starts with)."""
+    pid = os.getpid()
+    if _static is not None and _static[0] == pid:
+        return _static[2]
+    return _made_prefix(pid)[2]
+
+
+def _made_prefix(pid: int) -> tuple[int, str, bytes]:
+    global _static
     argv = list(getattr(sys, "orig_argv", sys.argv)) or [sys.executable]
     argv[0] = os.path.basename(argv[0])
     cmd: list[str] = []
@@ -98,17 +110,16 @@ def _process_prefix() -> str:
         "cmd": cmd,
     }
     prefix = json.dumps(head)[:-1]
-    _static = (pid, prefix)
-    return prefix
+    _static = (pid, prefix, prefix.encode())
+    return _static
 
 
 def record(label: str | None) -> bytes:
     """The record this process writes when it takes a lock now."""
-    tail = f', "at": {time.time():.3f}'
-    if label is not None:
-        label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
-        tail += f', "label": {json.dumps(label)}'
-    return (_process_prefix() + tail + "}\n").encode()
+    if label is None:  # the usual case, at every acquisition: no str made and encoded
+        return b'%s, "at": %.3f}\n' % (_prefix_bytes(), time.time())
+    label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
+    return (_process_prefix() + f', "at": {time.time():.3f}, "label": {json.dumps(label)}}}\n').encode()
 
 
 def waiter_record(label: str | None, since: float, timeout: float, *, waited: float | None = None) -> bytes:

@@ -57,6 +57,9 @@ _REPAIR_EVERY: Final = 10 * _queue.STARVE_AFTER
 #: How many times stats() reads an area whose checksum is wrong before it gives up (see stats()).
 _TORN_READS: Final = 5
 _HOST: Final = _holder._host_name()
+#: Where the statistics area lies in what the holder reads and writes, and the part of it every count changes.
+_AREA_AT: Final = _stats.OFFSET
+_HOT_IN_OUT: Final = slice(_AREA_AT + _stats.HOT.start, _AREA_AT + _stats.HOT.stop)
 
 
 class _TimedOut(Exception):
@@ -111,7 +114,15 @@ class SidecarLock:
                                         "into it and refuses anything else", self.lock_file)
 
     def _find_slot(self) -> Slot:
-        """The slot of the file now at ``lock_file``, creating the file if needed (one lstat when known)."""
+        """The slot of the file now at ``lock_file``, creating the file if needed.
+
+        The slot this lock used last, while its descriptor is open, without a look at the path: whether the path
+        still names that file is checked once the flock is held (``_still_the_lock_file``), which a look here would
+        not spare (the file can be replaced in between), and a replaced file costs one turn on the old one. After
+        that turn the descriptors are closed, so the next call looks the path up again."""
+        slot = self._box[0]
+        if slot is not None and slot.fds:
+            return slot
         try:
             st = os.lstat(self.lock_file)
         except FileNotFoundError:
@@ -416,7 +427,7 @@ class SidecarLock:
         """Holding the flock: read what the lock file keeps (one pread), write our holder record; return True when
         a killed holder's record was still there (time to sweep)."""
         slot.acquired_at = time.monotonic()
-        slot.area = None
+        slot.head = None
         slot.oldest_wait = 0.0
         if not slot.writable:
             return True
@@ -427,9 +438,9 @@ class SidecarLock:
             return True
         stale = head[:1] not in (b"", b" ")  # all blanks: a record cleared at release
         if self._statistics:
-            slot.area = bytearray(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE])
+            slot.head = head
         slot.oldest_wait, marked = _queue.state(head)
-        if marked and slot.area is not None and not _stats.newer(slot.area):
+        if marked and slot.head is not None and not _stats.newer(head[_stats.OFFSET : _stats.OFFSET + _stats.SIZE]):
             # Taken out of the lock file only by a holder that will count them: a newer lockstore's area is left
             # alone (see _stats.add), and so are its marks.
             slot.timed_out.add([TimedOut(*mark) for mark in _queue.collect_timed_out(fd)])
@@ -485,47 +496,29 @@ class SidecarLock:
         try:
             # What this turn read and wrote, taken once: a wait that ended without the lock (an interrupt) must not
             # find the previous turn's and write it over the real holder's record.
-            area, slot.area = slot.area, None
+            head, slot.head = slot.head, None
             record_len, slot.record_len = slot.record_len, 0
             landed: list[int] | None = None  # when this release counts this process's timeouts: see _stats.Pending
+            out: bytes | bytearray
             if slot.waiters and slot.flocked is not None and slot.flocked == slot.waiters[0].fd:
                 slot.waiters[0].withdraw()  # a grant still to come for a wait given up is dropped, not kept
             if slot.flocked is not None and slot.writable and slot.fds:
                 # Only while we hold the flock are the record and the statistics ours to write. The record is
                 # blanked in place rather than truncated (a truncate frees the file's block and the next record
                 # allocates it again, every transaction); all blanks read as no holder. One pwrite does both.
-                if area is not None:
+                if head is not None:
                     if held.resets:
-                        area[:] = _stats.fresh(time.time())
-                        slot.written = None
+                        slot.out = None
                         # This process's timeouts so far came before the reset: dropped once the fresh area lands.
                         landed = []
                         slot.timed_out.begin(landed)
+                        out = _BLANKS + _stats.fresh(time.time())
                     else:
-                        acquired_at = slot.acquired_at
-                        waited, kept = acquired_at - held.start, time.monotonic() - acquired_at
-                        # The usual case, _stats.count(): the area is the one this process wrote last (no other
-                        # process has taken the lock since), nothing to report, not the longest hold. What was
-                        # written is forgotten while the area is updated: should an interrupt cut this short, the
-                        # next release checks the area whole rather than pair one turn's bytes with another's CRC.
-                        written, slot.written = slot.written, None
-                        mine = written is not None and area == written
-                        cold = -1
-                        if mine and not slot.timed_out:
-                            cold = _stats.count(area, waited, kept, slot.cold)
-                        if cold < 0:
-                            landed = []
-                            timeouts, folded = slot.timed_out.begin(landed)
-                            cold = _stats.add(area, waited=waited, held=kept, now=time.time(), label=held.label,
-                                              pid=os.getpid(), host=_HOST, timeouts=timeouts, folded=folded,
-                                              cold=slot.cold if mine else None)
-                        if cold >= 0:  # else a newer format's area, left alone: never ours to count into
-                            slot.cold = cold
-                            slot.written = bytes(area)
+                        out, landed = self._counted(held, slot, head)
                     if landed is None:
-                        os.pwrite(slot.fds[0], _BLANKS + area, 0)
+                        os.pwrite(slot.fds[0], out, 0)
                     else:  # its result appended by C code as it returns: see _stats.Pending
-                        landed.extend(map(os.pwrite, (slot.fds[0],), (_BLANKS + area,), (0,)))
+                        landed.extend(map(os.pwrite, (slot.fds[0],), (out,), (0,)))
                 elif record_len:
                     os.pwrite(slot.fds[0], b" " * record_len, 0)
                 # A waiter that has waited too long gets the lock first (see _hand_over), unless it was handed the
@@ -558,6 +551,35 @@ class SidecarLock:
                 finally:
                     if slot.refs <= 0:
                         _slots.drop_if_unused(slot)
+
+    @staticmethod
+    def _counted(held: Held, slot: Slot, head: bytes) -> tuple[bytes | bytearray, list[int] | None]:
+        """Count this turn into the statistics area read in ``head``: (what to write at 0, the record's blanks and
+        the area; the list that write's result must be appended to when this process's timeouts were counted too,
+        see _stats.Pending)."""
+        acquired_at = slot.acquired_at
+        waited, kept = acquired_at - held.start, time.monotonic() - acquired_at
+        # The usual case: the lock file holds exactly the area this process wrote last (compared byte for byte,
+        # whoever wrote it), there are no timeouts to report, and this is not the longest hold. It is counted in
+        # place and written as it is: no copy, no check of the whole area. An interrupt in the middle leaves
+        # ``slot.out`` differing from the lock file, so the next release checks the file's area whole.
+        out, mine_area = slot.out, slot.out_area
+        if (out is not None and mine_area is not None and head.startswith(mine_area, _AREA_AT) and not slot.timed_out
+                and _stats.count(mine_area, waited, kept, slot.cold, slot.out_hot) >= 0):
+            return out, None
+        area = bytearray(head[_AREA_AT : _AREA_AT + _stats.SIZE])
+        mine = out is not None and mine_area is not None and area == mine_area
+        landed: list[int] = []
+        timeouts, folded = slot.timed_out.begin(landed)
+        cold = _stats.add(area, waited=waited, held=kept, now=time.time(), label=held.label, pid=os.getpid(),
+                          host=_HOST, timeouts=timeouts, folded=folded, cold=slot.cold if mine else None)
+        out = bytearray(_BLANKS)
+        out += area
+        if cold >= 0:  # else an area of a newer format, left alone: never ours to count into
+            view = memoryview(out)
+            # One assignment, no call in between: the views and the CRC always describe ``out``.
+            slot.out, slot.out_area, slot.out_hot, slot.cold = out, view[_AREA_AT:], view[_HOT_IN_OUT], cold
+        return out, landed
 
     def close(self) -> None:
         """Stop using the lock file: the last user in this process closes its descriptors and waiter thread."""

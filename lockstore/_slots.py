@@ -55,7 +55,6 @@ class Slot(OwnerLock):
 
     __slots__ = (
         "acquired_at",
-        "area",
         "cold",
         "external",
         "external_count",
@@ -63,9 +62,13 @@ class Slot(OwnerLock):
         "flocked",
         "handed_to_nobody",
         "handoff",
+        "head",
         "inside",
         "key",
         "oldest_wait",
+        "out",
+        "out_area",
+        "out_hot",
         "record_len",
         "refs",
         "repaired_at",
@@ -73,7 +76,6 @@ class Slot(OwnerLock):
         "waiter_fds",
         "waiters",
         "writable",
-        "written",
     )
 
     def __init__(self, key: tuple[int, int]) -> None:
@@ -88,15 +90,20 @@ class Slot(OwnerLock):
         # and closes every descriptor of the lock file it inherited.
         self.waiter_fds: list[list[int]] = []
         self.record_len = 0
-        # The statistics area as read when the lock was taken (updated and written back at the release), when the
-        # holder took it, the oldest announced wait seen then, and waits of this process that timed out since.
-        self.area: bytearray | None = None
+        # What the holder read when it took the lock (the record, the statistics area at _stats.OFFSET, the waiters'
+        # header), counted into and written back at the release; when the holder took it, the oldest announced wait
+        # seen then, and waits of this process that timed out since.
+        self.head: bytes | None = None
         self.acquired_at = 0.0
         self.oldest_wait = 0.0
         self.timed_out = pending(key)
-        # The statistics area as this process wrote it last, and its first part's CRC: when the lock file still
-        # holds exactly these bytes (nobody else took the lock since), they need not be checked again.
-        self.written: bytes | None = None
+        # What this process wrote at its last release that counted (the record's blanks, then the statistics area),
+        # views of its area and of the area's part that every count changes, and the CRC of the area's first part:
+        # while the lock file holds exactly this area, the next release counts into it in place and writes it
+        # without checking it again (see _sidecar.SidecarLock._let_go).
+        self.out: bytearray | None = None
+        self.out_area: memoryview | None = None
+        self.out_hot: memoryview | None = None
         self.cold = 0
         # Set at a release that must hand the lock to a waiter that waited too long (the start of its wait): this
         # process's next acquisition first lets that waiter take it (see _sidecar.py). A wait handed the lock that

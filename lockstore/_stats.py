@@ -88,6 +88,8 @@ _HOLD_MAX_AT: Final = 768
 _WAIT_AT: Final = 792
 _HOLD_AT: Final = 920
 _CRC_AT: Final = SIZE - 4
+#: The part of the area that count() checksums anew (a caller keeps a view of it: see count()).
+HOT: Final = slice(_HOT_AT, _CRC_AT)
 #: zlib.crc32 of any byte string followed by its own CRC-32 (little-endian) is this constant: the area is checked
 #: with one pass and no slicing.
 _RESIDUE: Final = zlib.crc32(b"\x00\x00\x00\x00" + struct.pack("<I", zlib.crc32(b"\x00\x00\x00\x00")))
@@ -170,16 +172,33 @@ def add(area: bytearray, *, waited: float, held: float, now: float, label: str |
     return cold
 
 
-def count(area: bytearray, waited: float, held: float, cold: int) -> int:
+def count(area: bytearray | memoryview, waited: float, held: float, cold: int, hot: memoryview | None = None) -> int:
     """:func:`add` for the usual case, lean and positional (it runs at every release): ``area`` is known to be a
     valid area of this format whose first part has the CRC-32 ``cold`` (the caller wrote it last, and ``add`` or
     this returned ``cold``), there are no timeouts to report and the hold is not the longest yet. Returns ``cold``
-    again, or -1 having changed nothing when the case is not the usual one (then call :func:`add`)."""
-    if not (0.0 <= waited < 1e9 and 0.0 <= held < 1e9) or len(area) != SIZE or held >= _HOLD_MAX.unpack_from(
-            area, _HOLD_MAX_AT)[0]:
+    again, or -1 having changed nothing when the case is not the usual one (then call :func:`add`). ``hot``: a view
+    of ``area[HOT_AT:CRC_AT]`` that the caller keeps, so that none is made here."""
+    if not (0.0 <= waited < 1e9 and 0.0 <= held < 1e9) or len(area) != SIZE:
         return -1
-    _tally(area, waited, held)
-    _CRC.pack_into(area, _CRC_AT, _crc32(memoryview(area)[_HOT_AT:_CRC_AT], cold))
+    acquisitions, wait_max, hold_max, wait_sum, hold_sum = _HOT.unpack_from(area, _HOT_AT)
+    if held >= hold_max:
+        return -1
+    # _tally, inlined (see there); the longest hold stays as it is.
+    e = _frexp(waited * 1e5)[1]
+    at = _WAIT_AT + 4 * (0 if e < 0 else 31 if e > 31 else e)
+    if area[at] < 255:
+        area[at] += 1
+    else:
+        _bump(area, at, _WAIT_AT)
+    e = _frexp(held * 1e5)[1]
+    at = _HOLD_AT + 4 * (0 if e < 0 else 31 if e > 31 else e)
+    if area[at] < 255:
+        area[at] += 1
+    else:
+        _bump(area, at, _HOLD_AT)
+    _HOT.pack_into(area, _HOT_AT, acquisitions + 1, waited if waited > wait_max else wait_max, hold_max,
+                   wait_sum + waited, hold_sum + held)
+    _CRC.pack_into(area, _CRC_AT, _crc32(memoryview(area)[_HOT_AT:_CRC_AT] if hot is None else hot, cold))
     return cold
 
 
@@ -248,7 +267,7 @@ def parse(area: bytes | bytearray | memoryview) -> LockStats | None:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def newer(area: bytearray) -> bool:
+def newer(area: bytes | bytearray) -> bool:
     """Whether ``area`` is lockstore's area of a later format version, which this version must not reset.
 
     Later versions keep the magic, the version and their size in the first 12 bytes and a CRC-32 over their size in
@@ -263,7 +282,7 @@ def newer(area: bytearray) -> bool:
     return size > len(area) or (size >= 16 and _crc32(memoryview(area)[:size]) == _RESIDUE)
 
 
-def _bump(area: bytearray, at: int, histogram: int) -> None:
+def _bump(area: bytearray | memoryview, at: int, histogram: int) -> None:
     """Add one to the count at ``at`` (the carry case of add()); at 2^32 halve every count of the histogram."""
     count = _COUNT.unpack_from(area, at)[0] + 1
     if count > 0xFFFFFFFF:
@@ -412,4 +431,4 @@ def _fold(folded: dict[object, Folded], t: TimedOut) -> None:
     folded[key] = (n + 1, min(low, t.timeout), max(high, t.timeout))
 
 
-__all__ = ["KEEP", "OFFSET", "SIZE", "Folded", "Pending", "add", "count", "fresh", "newer", "parse"]
+__all__ = ["HOT", "KEEP", "OFFSET", "SIZE", "Folded", "Pending", "add", "count", "fresh", "newer", "parse"]

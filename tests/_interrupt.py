@@ -87,6 +87,8 @@ class Injector:
             raise self.make()
 
     def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if self.fired:
+            return None  # nothing more to count: the rest of the operation (its cleanup) runs untraced
         if event == "opcode":
             code = frame.f_code
             here = frame.f_lasti
@@ -104,7 +106,7 @@ class Injector:
         return self._local
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event != "call" or not self._traced(frame) or _in_finalizer(frame):
+        if self.fired or event != "call" or not self._traced(frame) or _in_finalizer(frame):
             return None
         frame.f_trace_opcodes = True
         self._last.pop(id(frame), None)
