@@ -263,7 +263,8 @@ MUTATIONS = [
       "        if slot is not None:\n            return slot\n", (EDGES, "tests/test_lock.py")),
     M("the resolved leaf kept when a symlinked directory is switched", "_file.py",
       "                self.real, self.leaf, self.key = ((real, os.path.join(real, self.base), key) if same else\n",
-      "                self.real, self.leaf, self.key = ((real, self.leaf, key) if same else\n", (EDGES,)),
+      "                self.real, self.leaf, self.key = ((real, self.leaf, key) if same else\n",
+      (EDGES + "::test_a_directory_link_switched_inside_a_transaction_leaves_its_write_in_the_locked_directory",)),
     # The tenth review's fix.
     M("a timeout through a Store that has not used the lock file dropped", "_sidecar.py",
       "                    pending = _slots.pending((st.st_dev, st.st_ino))\n", "                    pass\n",

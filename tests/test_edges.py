@@ -359,6 +359,32 @@ def test_switched_symlink_loses_no_update(tmp_path: Path, round_: int) -> None:
     assert total == 2 * k * n, f"{2 * k * n - total} updates lost across the switch"
 
 
+def test_a_directory_link_switched_inside_a_transaction_leaves_its_write_in_the_locked_directory(
+        tmp_path: Path) -> None:
+    # ``current -> r1`` is switched to ``r2`` while a transaction on current/d.json holds r1's lock: its write must
+    # land in r1 (the file whose lock it holds, resolved under the lock), not follow the link into r2, whose lock
+    # another process may hold at that moment. The next transaction takes r2's lock and builds on r2's value.
+    for name in ("r1", "r2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "d.json").write_text('{"n": 10}' if name == "r2" else '{"n": 0}')
+    link = tmp_path / "current"
+    link.symlink_to("r1")
+    store = lockstore.open(link / "d.json", default={"n": 0})
+    with store.transaction() as s:
+        s.value["n"] += 1
+    with store.transaction() as s:
+        s.value["n"] += 1
+        tmp = tmp_path / "current.new"
+        tmp.symlink_to("r2")
+        os.replace(tmp, link)
+    assert json.loads((tmp_path / "r1" / "d.json").read_text()) == {"n": 2}
+    assert json.loads((tmp_path / "r2" / "d.json").read_text()) == {"n": 10}
+    with store.transaction() as s:
+        s.value["n"] += 1
+    assert json.loads((tmp_path / "r2" / "d.json").read_text()) == {"n": 11}
+    assert os.path.exists(tmp_path / "r2" / "d.json.lock")
+
+
 # ----------------------------------------------------------------------------------- 3. fork inside a transaction
 _FORK_INSIDE = """
 import os, sys, lockstore

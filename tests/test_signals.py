@@ -143,8 +143,10 @@ def walk(path: Path, store: lockstore.Store[Any], operation: Callable[[], object
     return -1, problems
 
 
-@pytest.mark.parametrize("deep", [False, True], ids=["lockstore", "deep"])
-@pytest.mark.parametrize("durable", [False, True])
+# Not durable and lockstore only: the deep walks' points include every point of lockstore's own, so a durable
+# walk of lockstore alone would repeat part of the durable deep walk.
+@pytest.mark.parametrize(("durable", "deep"), [(False, False), (False, True), (True, True)],
+                         ids=["False-lockstore", "False-deep", "True-deep"])
 def test_interrupt_anywhere_in_a_transaction(tmp_path: Path, durable: bool, deep: bool) -> None:
     # deep: also at every point of the Python code lockstore calls (atomicwrites, tempfile, json, logging...).
     path = tmp_path / "d.json"

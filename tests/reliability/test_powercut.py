@@ -57,7 +57,7 @@ def test_power_cut(tmp_path: Path, fs: str) -> None:
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize("fs", FILE_SYSTEMS)
 def test_hundreds_of_power_cuts(tmp_path: Path, fs: str) -> None:
-    result = power_cuts(tmp_path, fs, 500, seed=2)
+    result = power_cuts(tmp_path, fs, 250, seed=2)
     report(result["violations"])
     assert result["violations"] == []
 
