@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import IO, Any, Final
 
 Encoder = Callable[[Any], bytes]
@@ -104,20 +104,7 @@ def _json(lkw: dict[str, Any], dkw: dict[str, Any], is_binary: bool | None) -> F
     if not dkw.keys() - {"allow_nan"} and not lkw:
         allow_nan = dkw["allow_nan"]
         encoder = json.JSONEncoder(allow_nan=allow_nan)
-        fast = _c_encoder(encoder)
-
-        if fast is None:  # pragma: no cover - a Python without json's C accelerator
-
-            def encode(value: Any) -> bytes:
-                return encoder.encode(value).encode()
-
-        else:
-
-            def encode(value: Any) -> bytes:
-                try:
-                    return "".join(fast(value, 0)).encode()
-                except RecursionError:
-                    return encoder.encode(value).encode()  # its own error: a circular reference, or too deep
+        encode = _c_encode(encoder) or (lambda value: encoder.encode(value).encode())
 
         def decode(data: bytes) -> Any:
             return loads(data.decode())
@@ -126,20 +113,22 @@ def _json(lkw: dict[str, Any], dkw: dict[str, Any], is_binary: bool | None) -> F
     return Format("json", lambda v: dumps(v, **dkw).encode(), lambda d: loads(d.decode(), **lkw))
 
 
-def _c_encoder(encoder: json.JSONEncoder) -> Callable[[Any, int], Sequence[str]] | None:
-    """The C encoder that ``encoder.encode`` builds anew at every call (``JSONEncoder.iterencode``), made once: the
-    same output for the same settings, without the Python layers around it, which cost more than encoding a small
-    value does. Without its circular-reference check (its table of objects being encoded would be shared by the
-    threads encoding at once): a circular value raises RecursionError, which ``encode`` answers by asking
-    ``encoder`` for its own error."""
+def _c_encode(encoder: json.JSONEncoder) -> Encoder | None:
+    """``encoder.encode(value).encode()`` without the Python layers around json's C encoder, which cost more than
+    encoding a small value: the C encoder is built with the same settings, and a fresh table of the objects being
+    encoded (its circular-reference check) at each call, as ``JSONEncoder.iterencode`` does. None without the C
+    accelerator, or for settings it does not take."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None or encoder.indent is not None:
         return None
     strings = json.encoder.encode_basestring_ascii if encoder.ensure_ascii else json.encoder.encode_basestring
-    fast: Callable[[Any, int], Sequence[str]] = make(None, encoder.default, strings, encoder.indent,
-                                                      encoder.key_separator, encoder.item_separator,
-                                                      encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
-    return fast
+    settings = (encoder.default, strings, encoder.indent, encoder.key_separator, encoder.item_separator,
+                encoder.sort_keys, encoder.skipkeys, encoder.allow_nan)
+
+    def encode(value: Any) -> bytes:
+        return "".join(make({}, *settings)(value, 0)).encode()
+
+    return encode
 
 
 class _BsonAdapter:

@@ -22,9 +22,12 @@ from typing import Any, Final
 
 from ._os import read_bytes
 
+#: The command line and the label are cut to this many characters, and to a quarter of that many bytes of JSON
+#: (where a character can take 12 bytes: ``\\ud83d\\ude00``), so that a record always fits the 4 KiB that
+#: readers of the lock file read, before the statistics that follow it.
 _CMDLINE_MAX: Final = 200
-#: Labels are cut so that a record always fits the 4 KiB that readers of the lock file read.
 _LABEL_MAX: Final = 200
+_JSON_PER_CHAR: Final = 6
 # psutil's create_time has clock-tick resolution (1/100 s on Linux); allow for rounding, never for reuse.
 _START_TOLERANCE: Final = 0.05
 
@@ -99,8 +102,9 @@ def _made_prefix(pid: int) -> tuple[int, str, bytes]:
         if room <= 0:
             cmd.append("...")
             break
-        cmd.append(arg if len(arg) <= room else arg[:room] + "...")
-        room -= len(arg) + 1
+        cut = _cut(arg, room)
+        cmd.append(cut)
+        room -= max(len(cut), len(json.dumps(cut)) // _JSON_PER_CHAR) + 1
     head = {
         "pid": pid,
         "start": _own_start_time(),
@@ -114,12 +118,23 @@ def _made_prefix(pid: int) -> tuple[int, str, bytes]:
     return _static
 
 
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its start and "...": at most ``limit`` characters, and ``limit * _JSON_PER_CHAR`` bytes of
+    JSON."""
+    if len(text) <= limit and len(json.dumps(text)) <= limit * _JSON_PER_CHAR:
+        return text
+    text = text[:limit]
+    while text and len(json.dumps(text)) > limit * _JSON_PER_CHAR:
+        text = text[: len(text) * 3 // 4]
+    return text + "..."
+
+
 def record(label: str | None) -> bytes:
     """The record this process writes when it takes a lock now."""
     if label is None:  # the usual case, at every acquisition: no str made and encoded
         return b'%s, "at": %.3f}\n' % (_prefix_bytes(), time.time())
-    label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
-    return (_process_prefix() + f', "at": {time.time():.3f}, "label": {json.dumps(label)}}}\n').encode()
+    tail = f', "at": {time.time():.3f}, "label": {json.dumps(_cut(label, _LABEL_MAX))}}}\n'
+    return (_process_prefix() + tail).encode()
 
 
 def waiter_record(label: str | None, since: float, timeout: float, *, waited: float | None = None) -> bytes:
@@ -129,8 +144,7 @@ def waiter_record(label: str | None, since: float, timeout: float, *, waited: fl
     if waited is not None:
         tail += f', "timed_out": [{waited:.6f}, {time.time():.3f}]'
     if label is not None:
-        label = label if len(label) <= _LABEL_MAX else label[:_LABEL_MAX] + "..."
-        tail += f', "label": {json.dumps(label)}'
+        tail += f', "label": {json.dumps(_cut(label, _LABEL_MAX))}'
     return (_process_prefix() + tail + "}\n").encode()
 
 

@@ -172,15 +172,18 @@ def _give_back(fd: int, index: int, written: bool) -> None:
         _unclaim(fd, index)
 
 
-def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None:
+def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> bool:
     """Clear the announcement (or, after a timeout, leave the ``timed_out`` mark in its place and set the flag); if
-    it was the oldest wait, put the next oldest (or none) into the header."""
+    it was the oldest wait, put the next oldest (or none) into the header. True when the mark was left (it does not
+    fit the slot, or could not be written: the caller counts the timeout itself)."""
     fd = announcement.fd
+    marked = False
     try:
         try:
             if timed_out is not None and len(timed_out) <= SLOT:
                 os.pwrite(fd, timed_out.ljust(SLOT), FIRST_SLOT + announcement.index * SLOT)
                 os.pwrite(fd, _FLAG.pack(1), HEADER + 4)
+                marked = True
             else:
                 os.pwrite(fd, _BLANK, FIRST_SLOT + announcement.index * SLOT)
         finally:
@@ -195,6 +198,7 @@ def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> None
             os.pwrite(fd, struct.pack("<d", min((s for s in remaining if s), default=0.0)), HEADER + 8)
     except OSError:
         pass
+    return marked
 
 
 def repair_oldest(fd: int, unless: Sequence[float] = ()) -> list[float]:

@@ -114,15 +114,11 @@ class SidecarLock:
                                         "into it and refuses anything else", self.lock_file)
 
     def _find_slot(self) -> Slot:
-        """The slot of the file now at ``lock_file``, creating the file if needed.
+        """The slot of the file now at ``lock_file``, creating the file if needed (one lstat when known).
 
-        The slot this lock used last, while its descriptor is open, without a look at the path: whether the path
-        still names that file is checked once the flock is held (``_still_the_lock_file``), which a look here would
-        not spare (the file can be replaced in between), and a replaced file costs one turn on the old one. After
-        that turn the descriptors are closed, so the next call looks the path up again."""
-        slot = self._box[0]
-        if slot is not None and slot.fds:
-            return slot
+        The path is looked at every time, not only once the flock is held (``_still_the_lock_file``): a process
+        that kept using the slot of a deleted or replaced lock file would wait for that file's holder, however long
+        it holds it, while the file at the path is free."""
         try:
             st = os.lstat(self.lock_file)
         except FileNotFoundError:
@@ -273,8 +269,7 @@ class SidecarLock:
             if self._still_the_lock_file(slot):
                 return self._mark(slot, label)
             # We hold the lock of a deleted or replaced lock file: let go of it and lock the current one.
-            self._let_go(held, slot)
-            slot.close_files()
+            self._let_go(held, slot, close=True)
 
     @staticmethod
     def _hand_over(slot: Slot) -> None:
@@ -358,9 +353,9 @@ class SidecarLock:
         announcement = held.announced[-1] if held.announced else None
         if announcement is not None:
             mark = _holder.waiter_record(label, announcement.since, timeout, waited=time.monotonic() - start)
-            _queue.withdraw(announcement, mark)
+            marked = _queue.withdraw(announcement, mark)
             held.announced.pop()  # after the withdrawal: interrupted before it, the caller's cleanup withdraws
-            held.counted = True
+            held.counted = marked  # else (no room for the mark, or a failed write) this process counts it
 
     @staticmethod
     def _withdraw_all(held: Held) -> None:
@@ -490,7 +485,9 @@ class SidecarLock:
             return
         self._let_go(held, slot)
 
-    def _let_go(self, held: Held, slot: Slot) -> None:
+    def _let_go(self, held: Held, slot: Slot, *, close: bool = False) -> None:
+        """Release the flock and give the slot back; ``close``: close the slot's descriptors too (a deleted or
+        replaced lock file), before the slot passes to another thread, which would otherwise use them meanwhile."""
         # Runs after the caller's write completed: an error here must not report that write as failed. A record
         # left behind only costs the next holder a sweep; a failed unlock is finished by closing our descriptors.
         try:
@@ -547,10 +544,14 @@ class SidecarLock:
                         slot.close_files()  # closing our descriptors releases the lock whatever went wrong
             finally:
                 try:
-                    slot.give(held.ticket)
+                    if close:
+                        slot.close_files()
                 finally:
-                    if slot.refs <= 0:
-                        _slots.drop_if_unused(slot)
+                    try:
+                        slot.give(held.ticket)
+                    finally:
+                        if slot.refs <= 0:
+                            _slots.drop_if_unused(slot)
 
     @staticmethod
     def _counted(held: Held, slot: Slot, head: bytes) -> tuple[bytes | bytearray, list[int] | None]:

@@ -385,6 +385,59 @@ def test_a_directory_link_switched_inside_a_transaction_leaves_its_write_in_the_
     assert os.path.exists(tmp_path / "r2" / "d.json.lock")
 
 
+def test_threads_sharing_a_lock_file_that_is_replaced_again_and_again_see_no_closed_descriptor(
+        tmp_path: Path) -> None:
+    # A thread that finds it holds a replaced lock file lets go and closes the slot's descriptors: it must close them
+    # before the slot passes to the next thread, which would otherwise use (fstat, flock) a descriptor being closed,
+    # or a number already given to another file.
+    path = str(tmp_path / "d.json")
+    lock = path + ".lock"
+    stores = [lockstore.open(path, default={"n": 0}, durable=False) for _ in range(2)]
+    with stores[0].transaction() as s:
+        s.value["n"] += 1
+    errors: list[str] = []
+    done = [0]
+    stop = time.monotonic() + 3
+
+    def worker(i: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                with stores[i % 2].transaction(timeout=5) as s:
+                    s.value["n"] += 1
+                done[0] += 1
+            except lockstore.LockTimeout:
+                pass
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    def replacer() -> None:
+        n = 0
+        while time.monotonic() < stop:
+            with open(f"{lock}.new{n}", "w"):
+                pass
+            os.rename(f"{lock}.new{n}", lock)
+            n += 1
+            time.sleep(0.002)
+
+    before = len(os.listdir("/proc/self/fd"))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch at every chance: the window is a few bytecodes wide
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)] + [threading.Thread(target=replacer)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert errors == [], f"{len(errors)} errors, e.g. {errors[:3]}"
+    assert done[0] > 0
+    for store in stores:
+        store.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
 # ----------------------------------------------------------------------------------- 3. fork inside a transaction
 _FORK_INSIDE = """
 import os, sys, lockstore

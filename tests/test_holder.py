@@ -338,3 +338,41 @@ def test_long_command_line_is_shortened(tmp_path: Path) -> None:
         assert "hold" in h.cmdline
         assert sum(len(a) for a in h.cmdline) < 400  # shortened, not 1000+ characters
         assert h.label == "short"
+
+
+def test_a_record_of_wide_characters_stays_within_its_4_kib_and_spares_the_statistics(tmp_path: Path) -> None:
+    # Labels and command lines are cut by characters, but JSON writes a character outside the BMP as 12 bytes: a
+    # holder with 200 of them in its label and its command line wrote a record past 4 KiB, over the statistics
+    # area, which a killed holder then left torn (the statistics started afresh).
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "d.json")
+    store = lockstore.open(path, default=0, durable=False)
+    for _ in range(5):
+        with store.transaction() as s:
+            s.value += 1
+    wide = "\U0001f600" * 250
+    code = (f"#{wide}\nimport sys, lockstore\ns = lockstore.open(sys.argv[1], default=0, durable=False)\n"
+            "with s.transaction(label=sys.argv[2]):\n    print('ready', flush=True)\n    sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, path, wide], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        record = Path(path + ".lock").read_bytes().split(b"\n", 1)[0]
+        assert len(record) < 4096, len(record)
+        stats = store.stats()
+        assert stats is not None and stats.acquisitions == 5, stats
+        holder = store.holder()
+        assert holder is not None and holder.pid == child.pid
+        assert holder.label is not None and holder.label.startswith("\U0001f600" * 10) and holder.label.endswith("...")
+    finally:
+        child.kill()  # killed while it holds: its record stays, as a killed holder's does
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+    with store.transaction() as s:
+        s.value += 1
+    stats = store.stats()
+    assert stats is not None and stats.acquisitions == 6, stats

@@ -180,6 +180,61 @@ def test_deleted_lock_file_is_noticed_and_the_current_one_is_locked(tmp_path: Pa
     assert lockstore.read(path) == 2
 
 
+def test_a_deleted_lock_file_held_by_a_stuck_process_does_not_block_the_path_s_lock_file(tmp_path: Path) -> None:
+    # An operator deletes the lock file that a stuck process holds (which must never be done, and is done): a
+    # long-running process that used the old file must lock the file now at the path, which is free, not wait for
+    # the stuck holder of the deleted one (forever, with timeout=-1).
+    import fcntl
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "d.json")
+    store = lockstore.open(path, default=0, durable=False)
+    with store.transaction() as s:
+        s.value += 1  # the store's process now keeps a descriptor of the lock file open
+    stuck = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({path + '.lock'!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline().strip() == "held"
+        with pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.1):
+            pass  # the control: the stuck process holds the lock file the path names
+        os.unlink(path + ".lock")
+        outcome: list[object] = []
+
+        def forever() -> None:
+            try:
+                with store.transaction(timeout=-1) as s:
+                    s.value += 1
+                outcome.append("done")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=forever, daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert outcome == ["done"], f"still waiting for the deleted file's holder: {outcome}"
+        with store.transaction(timeout=1) as s:
+            s.value += 1
+        assert lockstore.read(path) == 3
+        # The new lock file is the one locked now: a probe on it is refused while a transaction holds it.
+        with store.transaction():
+            fd = os.open(path + ".lock", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+    finally:
+        assert stuck.stdin is not None and stuck.stdout is not None
+        stuck.stdin.close()
+        stuck.wait(DEADLINE)
+        stuck.stdout.close()
+
+
 def test_lock_file_replaced_while_waiting_is_noticed(tmp_path: Path) -> None:
     # A process waiting for the lock is granted the OLD inode after an operator replaced the lock file and another
     # process took the new one: it must notice and wait for the new file instead of entering beside that process.

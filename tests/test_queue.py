@@ -675,3 +675,28 @@ def test_an_asyncio_timeout_through_a_store_that_never_took_the_lock_is_counted(
         pass
     stats = second.stats()
     assert stats is not None and (stats.acquisitions, stats.timeouts) == (3, 1)
+
+
+def test_a_timeout_whose_mark_does_not_fit_its_slot_is_still_counted(tmp_path: Path) -> None:
+    # A label long enough that the wait's announcement fits its slot but the timed-out mark (a few dozen bytes
+    # longer) does not: the mark cannot be left, so this process must count the timeout itself, at its next
+    # acquisition, instead of believing it marked.
+    from _children import holding
+
+    from lockstore import _holder
+
+    def announcement(n: int, **kw: Any) -> int:
+        return len(_holder.waiter_record("\u00e9" * n, time.time(), 0.1, **kw))  # 6 bytes of JSON each
+
+    fits = [n for n in range(0, 200) if announcement(n) <= _queue.SLOT < announcement(n, waited=0.1)]
+    assert fits, "no label length between the two: the test would prove nothing"
+    label = "\u00e9" * fits[-1]
+    path = str(tmp_path / "d.json")
+    store = lockstore.open(path, default=0, durable=False)
+    store.commit()
+    with holding(path), pytest.raises(lockstore.LockTimeout), store.transaction(timeout=0.1, label=label):
+        pass
+    with store.transaction() as s:
+        s.value += 1
+    stats = store.stats()
+    assert stats is not None and stats.timeouts == 1, stats
