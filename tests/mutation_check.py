@@ -259,9 +259,9 @@ MUTATIONS = [
       (SIGNALS + "::test_interrupt_anywhere_in_a_statistics_reset_keeps_or_drops_timeouts_with_it",)),
     # The leaner release and lookup (this session).
     M("the slot used last reused without a look at the path", "_sidecar.py",
-      "        try:\n            st = os.lstat(self.lock_file)\n        except FileNotFoundError:\n",
-      "        if self._box[0] is not None and self._box[0].fds:\n            return self._box[0]\n"
-      "        try:\n            st = os.lstat(self.lock_file)\n        except FileNotFoundError:\n",
+      "        it holds it, while the file at the path is free.\"\"\"\n        try:\n",
+      "        it holds it, while the file at the path is free.\"\"\"\n"
+      "        if self._box[0] is not None and self._box[0].fds:\n            return self._box[0]\n        try:\n",
       ("tests/test_lock.py::test_a_deleted_lock_file_held_by_a_stuck_process_does_not_block_the_path_s_lock_file",)),
     M("the resolved leaf kept when a symlinked directory is switched", "_file.py",
       "                self.real, self.leaf, self.key = ((real, os.path.join(real, self.base), key) if same else\n",
@@ -276,8 +276,8 @@ MUTATIONS = [
       "            held.counted = True\n",
       ("tests/test_queue.py::test_a_timeout_whose_mark_does_not_fit_its_slot_is_still_counted",)),
     M("a record cut by characters only", "_holder.py",
-      "    if len(text) <= limit and len(json.dumps(text)) <= limit * _JSON_PER_CHAR:\n",
-      "    if len(text) <= limit:\n",
+      "    while text and len(json.dumps(text)) > limit * _JSON_PER_CHAR:\n",
+      "    while False:\n",
       ("tests/test_holder.py::test_a_record_of_wide_characters_stays_within_its_4_kib_and_spares_the_statistics",)),
     # The tenth review's fix.
     M("a timeout through a Store that has not used the lock file dropped", "_sidecar.py",
