@@ -22,9 +22,9 @@ from typing import Any, Final
 
 from ._os import read_bytes
 
-#: The command line and the label are cut to this many characters, and to a quarter of that many bytes of JSON
-#: (where a character can take 12 bytes: ``\\ud83d\\ude00``), so that a record always fits the 4 KiB that
-#: readers of the lock file read, before the statistics that follow it.
+#: The command line and the label are cut to this many characters, and to ``_JSON_PER_CHAR`` bytes of JSON per
+#: character allowed (where one character can take 12: ``\\ud83d\\ude00``), so that a record always fits the 4 KiB
+#: that readers of the lock file read, before the statistics that follow it.
 _CMDLINE_MAX: Final = 200
 _LABEL_MAX: Final = 200
 _JSON_PER_CHAR: Final = 6

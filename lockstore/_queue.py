@@ -174,8 +174,8 @@ def _give_back(fd: int, index: int, written: bool) -> None:
 
 def withdraw(announcement: Announcement, timed_out: bytes | None = None) -> bool:
     """Clear the announcement (or, after a timeout, leave the ``timed_out`` mark in its place and set the flag); if
-    it was the oldest wait, put the next oldest (or none) into the header. True when the mark was left (it does not
-    fit the slot, or could not be written: the caller counts the timeout itself)."""
+    it was the oldest wait, put the next oldest (or none) into the header. True when the mark was left; False when
+    it does not fit the slot or could not be written (the caller then counts the timeout itself)."""
     fd = announcement.fd
     marked = False
     try:
