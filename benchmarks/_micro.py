@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -148,10 +149,12 @@ def large(root: str, size: int, n: int, repeats: int) -> Samples:
     )
 
 
-def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Samples, Samples]:
+def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[
+        Samples, Samples, dict[str, tuple[float, float]] | None]:
     """The lock file's bookkeeping per transaction, measured directly on the real lock code (as is, with the
     statistics switched off, and with 0.1.x's bookkeeping), and as an A/B of whole transactions in one process:
-    lockstore as is, without the statistics, without any record, and the bare-syscall floor."""
+    lockstore as is, without the statistics, without any record, and the bare-syscall floor; and the disk writes of
+    each durable variant (see disk_writes)."""
     import lockstore
     from lockstore import _holder, _queue, _sidecar, _stats
 
@@ -225,10 +228,185 @@ def holder_record(root: str, n: int, repeats: int, ab_repeats: int) -> tuple[Sam
     try:
         ab = interleave({name: block(op, max(1, n // 10) if name.startswith("durable,") else max(1, n // 2))
                          for name, op in ops.items()}, ab_repeats)
+        writes = disk_writes(root, {name: op for name, op in ops.items() if name.startswith("durable,")}, 200)
     finally:
         for close in closers:
             close()
-    return direct, ab
+    return direct, ab, writes
+
+
+def disk_writes(root: str, ops: dict[str, Callable[[], object]], n: int) -> dict[str, tuple[float, float]] | None:
+    """Write requests and 512-byte sectors the disk under ``root`` completed per operation (from /proc/diskstats,
+    over ``n`` operations after a sync), for each op in turn; None when ``root`` is on no block device listed there.
+    Other writers on the same disk add to the counts: a quiet machine gives the same whole numbers every run."""
+    st = os.stat(root)
+    key = (os.major(st.st_dev), os.minor(st.st_dev))
+
+    def read() -> tuple[int, int] | None:
+        with open("/proc/diskstats") as f:
+            for line in f:
+                fields = line.split()
+                if (int(fields[0]), int(fields[1])) == key:
+                    return int(fields[7]), int(fields[9])
+        return None
+
+    if read() is None:
+        return None
+    out: dict[str, tuple[float, float]] = {}
+    for name, op in ops.items():
+        op()
+        os.sync()
+        before = read()
+        for _ in range(n):
+            op()
+        after = read()
+        assert before is not None and after is not None
+        out[name] = ((after[0] - before[0]) / n, (after[1] - before[1]) / n)
+    return out
+
+
+def stats_steps(root: str, n: int, repeats: int) -> Samples:
+    """The statistics' steps at a release, each timed where the release runs it: between a pread of the lock file's
+    head and the pwrite that follows, which leave the processor's caches and predictors as a real release finds
+    them (a step timed in a tight loop of its own looks two to three times cheaper on a VM). Every variant does the
+    same pread and pwrite; what it adds to "none" is the step's cost. The last one is no step lockstore takes: the
+    fewest operations any exact count into a checksummed area needs (three counters bumped in their low byte and the
+    checksum of the part they lie in), a lower bound for a leaner area format."""
+    import zlib
+
+    from lockstore import _sidecar, _stats
+
+    path = os.path.join(root, "steps.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    area = _stats.fresh(time.time())
+    cold = _stats.add(area, waited=2e-6, held=3.0, now=time.time(), label=None, pid=os.getpid(), host="bench")
+    out = bytearray(_sidecar._BLANKS) + area
+    os.pwrite(fd, out, 0)
+    os.pwrite(fd, b" " * (6160 - len(out)), len(out))
+    view = memoryview(out)
+    mine, hot = view[_stats.OFFSET :], view[_sidecar._HOT_IN_OUT]
+    pending = _stats.Pending()
+    head = os.pread(fd, 6160, 0)
+    crc_at = _stats.OFFSET + _stats.SIZE - 4
+    hot_at, wait_at, hold_at = _stats.OFFSET + _stats.HOT.start, _stats.OFFSET + 792, _stats.OFFSET + 920
+    pack_crc, crc32 = struct.Struct("<I").pack_into, zlib.crc32
+
+    def bump(at: int) -> None:
+        if out[at] < 255:
+            out[at] += 1
+        else:  # the carry, as _stats does it
+            _stats._bump(out, at, at)
+
+    def lower_bound() -> None:
+        bump(hot_at)
+        bump(wait_at + 4 * min(int(2e-6 * 1e5).bit_length(), 31))
+        bump(hold_at + 4 * min(int(3e-5 * 1e5).bit_length(), 31))
+        pack_crc(out, crc_at, crc32(hot, cold))
+
+    steps: dict[str, Callable[[], object]] = {
+        "none (the pread of 6160 B and the pwrite of 5152 B alone)": lambda: None,
+        "_stats.count(), as the usual release calls it": lambda: _stats.count(mine, 2e-6, 3e-5, cold, hot),
+        "the area compared with the bytes written last (bytes.startswith)": lambda: head.startswith(mine, 4096),
+        "the check for pending timeouts (bool(Pending))": lambda: not pending,
+        "the clock read for the hold (time.monotonic)": time.monotonic,
+        "reference, no lockstore step: 3 counters bumped + the CRC of their part": lower_bound,
+    }
+    pread, pwrite = os.pread, os.pwrite
+
+    def in_place(step: Callable[[], object], data: bytes | bytearray) -> Callable[[], float]:
+        def run() -> float:
+            start = perf_counter()
+            for _ in range(n):
+                pread(fd, 6160, 0)
+                step()
+                pwrite(fd, data, 0)
+            return (perf_counter() - start) / n
+
+        return run
+
+    variants = {name: in_place(step, out) for name, step in steps.items()}
+    # The statistics switched off write only the record's blanks at release: the larger pwrite is a step too.
+    variants["the larger pwrite (5152 B instead of a 60-byte record's blanks)"] = in_place(lambda: None, out[:60])
+    try:
+        return interleave(variants, repeats)
+    finally:
+        os.close(fd)
+
+
+def in_transactions(root: str, n: int, *, durable: bool) -> tuple[Samples, Samples]:
+    """The statistics' cost where users pay it: inside whole transactions (one process, 100 B value), one transaction
+    of each variant after another, the order rotating, ``n`` rounds; (wall time, thread CPU time) of every single
+    transaction. Alternating single transactions pairs the variants within a millisecond, so the disk's and the
+    machine's drift (which moves blocks of transactions by 10-30% on a shared VM) falls on all of them alike.
+
+    Variants: lockstore as is; its statistics switched off; two references that no lockstore release runs, to bound
+    what any count could save: the count skipped (the area written back unchanged) and the count reduced to its
+    fewest operations (three counters bumped in their low byte and the CRC: no maxima, no sums); the floor."""
+    import zlib
+
+    import lockstore
+    from lockstore import _stats
+
+    real = _stats.count
+    pack_crc, crc32 = struct.Struct("<I").pack_into, zlib.crc32
+    wait_at, hold_at, hot_at, crc_at = 792, 920, _stats.HOT.start, _stats.SIZE - 4
+
+    def skipped(area: Any, waited: float, held: float, cold: int, hot: Any = None) -> int:
+        return cold if hot is not None else real(area, waited, held, cold)
+
+    def fewest(area: Any, waited: float, held: float, cold: int, hot: Any = None) -> int:
+        if hot is None or not (0.0 <= waited < 1e9 and 0.0 <= held < 1e9):
+            return real(area, waited, held, cold, hot)
+        for at in (wait_at + 4 * min(int(waited * 1e5).bit_length(), 31),
+                   hold_at + 4 * min(int(held * 1e5).bit_length(), 31), hot_at):
+            if area[at] == 255:
+                return real(area, waited, held, cold, hot)
+            area[at] += 1
+        pack_crc(area, crc_at, crc32(hot, cold))
+        return cold
+
+    ops: dict[str, Callable[[], object]] = {}
+    closers: list[Callable[[], None]] = []
+    for variant, plug, count in (("as is", None, real), ("statistics off", stats_off, real),
+                                 ("reference: count skipped", None, skipped),
+                                 ("reference: count of fewest operations", None, fewest)):
+        path = os.path.join(root, f"in-txn-{durable}-{len(ops)}.json")
+        floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
+        store = lockstore.open(path, durable=durable)
+        if plug is not None:
+            plug(store, path)
+        closers.append(store.close)
+
+        def op(store: Any = store, count: Any = count) -> None:
+            _stats.count = count
+            with store.transaction() as s:
+                s.value["n"] += 1
+
+        ops[variant] = op
+    path = os.path.join(root, f"in-txn-{durable}-floor.json")
+    floor_write(path, json.dumps(make_value(100)).encode(), durable=False)
+    ops["floor"], close = Floor(durable=durable).open(path)
+    closers.append(close)
+    names = list(ops)
+    wall: Samples = {name: [] for name in names}
+    cpu: Samples = {name: [] for name in names}
+    clock, thread_time = perf_counter, time.thread_time
+    try:
+        for name in names:
+            ops[name]()
+        for r in range(n):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                run = ops[name]
+                c0 = thread_time()
+                t0 = clock()
+                run()
+                wall[name].append(clock() - t0)
+                cpu[name].append(thread_time() - c0)
+    finally:
+        _stats.count = real
+        for close in closers:
+            close()
+    return wall, cpu
 
 
 def _increment(store: Any) -> Callable[[], None]:
