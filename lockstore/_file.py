@@ -140,7 +140,12 @@ class FileStorage:
         lock_file = target + ".lock"
         lock = self._native.get(lock_file)
         if lock is None:
-            lock = self._native[lock_file] = SidecarLock(lock_file, data_path=self.path)
+            made = SidecarLock(lock_file, data_path=self.path)
+            # One C call: threads of this Store that found no lock at once all get the one that landed first (a
+            # lock replaced in the table would make its holder let go and take the lock again).
+            lock = self._native.setdefault(lock_file, made)
+            if lock is not made:
+                made.close()
         return lock
 
     def _forget_other_targets(self, target: str) -> None:

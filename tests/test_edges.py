@@ -124,6 +124,67 @@ def test_threads_sharing_one_store_commit_and_transact_exactly(tmp_path: Path) -
     assert lockstore.read(p)["n"] == 1600
 
 
+def test_threads_making_a_fresh_store_s_lock_at_once_share_one(tmp_path: Path) -> None:
+    """Two threads' first transactions on a fresh Store both found no lock object for the lock file and each made
+    one; the second replaced the first in the Store's table, so the thread holding the first let go after taking
+    it (an acquisition counted for nothing) and took the lock again (with a short timeout: a LockTimeout with the
+    lock free). Forced here: thread A is held right after finding no lock object, until thread B holds its own
+    and is about to check it is still the Store's."""
+    import linecache
+
+    step = 10.0  # each forced step comes within milliseconds; longer only when a code change removed one
+
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default={"n": 0}, durable=False)
+    a_looked, b_checks, a_done = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def line_of(frame: Any) -> str:
+        return linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+
+    def tracer_a(frame: Any, event: str, arg: object) -> Any:
+        if frame.f_code.co_name == "_sidecar":
+            if event == "line" and "if lock is None" in line_of(frame) and not a_looked.is_set():
+                a_looked.set()  # A found no lock object: let B make its own and take it
+                b_checks.wait(step)
+            elif event == "return" and a_looked.is_set():
+                a_done.set()
+        return tracer_a
+
+    def tracer_b(frame: Any, event: str, arg: object) -> Any:
+        if (frame.f_code.co_name == "settle" and event == "line" and "is not lock" in line_of(frame)
+                and not b_checks.is_set()):
+            b_checks.set()  # B holds the lock it made: let A finish making its own
+            a_done.wait(step)
+        return tracer_b
+
+    def run(tracer: Any, before: threading.Event | None) -> None:
+        try:
+            if before is not None:
+                before.wait(step)
+            sys.settrace(tracer)
+            try:
+                with store.transaction() as s:
+                    s.value["n"] += 1
+            finally:
+                sys.settrace(None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    a = threading.Thread(target=run, args=(tracer_a, None))
+    b = threading.Thread(target=run, args=(tracer_b, a_looked))
+    a.start()
+    b.start()
+    a.join(DEADLINE)
+    b.join(DEADLINE)
+    assert a_looked.is_set() and b_checks.is_set() and a_done.is_set()  # the interleaving happened
+    assert not errors
+    stats = store.stats()
+    store.close()
+    assert lockstore.read(p)["n"] == 2
+    assert stats is not None and stats.acquisitions == 2  # one per transaction
+
+
 class _SlowLoads:
     """JSON whose decoding takes ``delay`` seconds while ``slow`` is set (a large value's reload, made long)."""
 
