@@ -153,7 +153,9 @@ class FileStorage:
         waiting for one of them keeps using its slot until it lets go)."""
         keep = target + ".lock"
         for lock_file in [name for name in list(self._native) if name != keep]:  # list(): threads add meanwhile
-            self._native.pop(lock_file).close()
+            lock = self._native.pop(lock_file, None)  # None: another thread of this Store gave it back first
+            if lock is not None:
+                lock.close()
 
     def _current_lock(self) -> Lock | None:
         if not self.native:

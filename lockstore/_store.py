@@ -179,8 +179,26 @@ class Store(Generic[T]):
         raise TypeError("a lockstore.Store cannot be pickled: open the store again in the other process")
 
     def close(self) -> None:
-        """Give back the descriptors (and, for servers, connections) this store keeps; reopened when needed."""
-        self._core.storage.close()
+        """Give back the descriptors (and, for servers, connections) this store keeps; reopened when needed.
+
+        Waits while another thread's transaction uses this Store (its descriptors are that transaction's until it
+        ends), as :meth:`reload` does."""
+        core = self._core
+        owner = current_owner()
+        if core.mine(owner) is not None:
+            core.storage.close()
+            return
+        release_abandoned()
+        ticket = Ticket(owner, _Call())  # abandoned (and taken over) if this frame is dropped without giving it back
+        try:
+            core.take_guard(ticket, core.timeout)
+            core.storage.close()
+        finally:
+            try:
+                core.guard.give(ticket)
+            except BaseException:
+                core.guard.give(ticket)  # an interrupt cut the first call short
+                raise
 
     # ----------------------------------------------------------------- reading
     def _load(self) -> None:

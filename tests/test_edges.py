@@ -185,6 +185,144 @@ def test_threads_making_a_fresh_store_s_lock_at_once_share_one(tmp_path: Path) -
     assert stats is not None and stats.acquisitions == 2  # one per transaction
 
 
+def test_close_from_another_thread_waits_for_the_running_transaction(tmp_path: Path) -> None:
+    """``store.close()`` closed the descriptors a running transaction of another thread was writing through: the
+    transaction raised IndexError after its write had landed (a retry counts twice), and a descriptor number freed
+    under the writer and given to another file sent the JSON there and renamed an empty temp file over the data.
+    Forced here: the transaction is held inside its write while another thread calls close()."""
+    import linecache
+
+    step = 10.0
+    p = tmp_path / "d.json"
+    store = lockstore.open(p, default={"n": 0}, durable=False)
+    in_write, go, closed = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        if (frame.f_code.co_name == "_write" and event == "line" and not in_write.is_set()
+                and "fd = self._next[0]" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)):
+            in_write.set()
+            go.wait(step)
+        return tracer
+
+    def transact() -> None:
+        sys.settrace(tracer)
+        try:
+            with store.transaction() as s:
+                s.value["n"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            sys.settrace(None)
+
+    def close() -> None:
+        store.close()
+        closed.set()
+
+    t = threading.Thread(target=transact)
+    t.start()
+    assert in_write.wait(step)
+    c = threading.Thread(target=close)
+    c.start()
+    closed_early = closed.wait(0.3)
+    go.set()
+    t.join(DEADLINE)
+    c.join(DEADLINE)
+    assert not errors
+    assert not closed_early  # close() waited for the transaction
+    assert closed.is_set()
+    assert lockstore.read(p) == {"n": 1}
+
+
+def test_threads_whose_symlink_is_switched_twice_do_not_give_back_one_lock_twice(tmp_path: Path) -> None:
+    """Two threads of one Store, each holding another target's lock when the symlink moved on, both gave back the
+    same earlier lock file's lock object: the second raised KeyError from its transaction. Forced here: both are
+    held at the same give-back, then let go together."""
+    import linecache
+
+    step = 10.0
+    for name in ("T1", "T2", "T3"):
+        (tmp_path / f"{name}.json").write_text('{"n": 0}')
+    link = tmp_path / "cur.json"
+
+    def point(name: str) -> None:
+        tmp = tmp_path / "cur.tmp"
+        os.symlink(f"{name}.json", tmp)
+        os.replace(tmp, link)
+
+    point("T1")
+    store = lockstore.open(link, default={"n": 0}, durable=False)
+    with store.transaction() as s:  # the Store now keeps T1's lock
+        s.value["n"] += 1
+    point("T2")
+    b_has_t1, go_b, b_in_settle, go_b2, a_in_settle2, go_a = (threading.Event() for _ in range(6))
+    at_give_back = threading.Barrier(2, timeout=step)
+    errors: list[BaseException] = []
+
+    def at_pop(frame: Any) -> bool:
+        return ".pop(lock_file" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+
+    def meet() -> None:
+        try:
+            at_give_back.wait()
+        except threading.BrokenBarrierError:
+            pass
+
+    def tracer_b(frame: Any, event: str, arg: object) -> Any:
+        name = frame.f_code.co_name
+        if event == "call" and name == "acquire" and frame.f_code.co_filename.endswith("_sidecar.py") \
+                and not b_has_t1.is_set():
+            b_has_t1.set()  # B has T1's lock object, not the lock yet
+            go_b.wait(step)
+        if event == "call" and name == "settle" and not b_in_settle.is_set():
+            b_in_settle.set()
+            go_b2.wait(step)
+        if name == "_forget_other_targets" and event == "line" and at_pop(frame):
+            meet()
+        return tracer_b
+
+    settles = [0]
+
+    def tracer_a(frame: Any, event: str, arg: object) -> Any:
+        name = frame.f_code.co_name
+        if event == "call" and name == "settle":
+            settles[0] += 1
+            if settles[0] == 2:  # A let T1's lock go on seeing T2, and now holds T2's
+                a_in_settle2.set()
+                go_a.wait(step)
+        if name == "_forget_other_targets" and event == "line" and at_pop(frame) and settles[0] == 2:
+            meet()
+        return tracer_a
+
+    def run(tracer: Any) -> None:
+        sys.settrace(tracer)
+        try:
+            with store.transaction(timeout=5) as s:
+                s.value["n"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            sys.settrace(None)
+
+    b = threading.Thread(target=run, args=(tracer_b,))
+    b.start()
+    assert b_has_t1.wait(step)
+    a = threading.Thread(target=run, args=(tracer_a,))
+    a.start()
+    assert a_in_settle2.wait(step)
+    go_b.set()
+    assert b_in_settle.wait(step)  # B holds T1's flock, A holds T2's: both check which target is current
+    point("T3")
+    go_a.set()
+    go_b2.set()
+    a.join(DEADLINE)
+    b.join(DEADLINE)
+    store.close()
+    assert not errors
+    total = sum(json.loads((tmp_path / f"{name}.json").read_text())["n"] for name in ("T1", "T2", "T3"))
+    assert total == 3
+
+
 class _SlowLoads:
     """JSON whose decoding takes ``delay`` seconds while ``slow`` is set (a large value's reload, made long)."""
 
