@@ -128,7 +128,7 @@ class SidecarLock:
         self._refuse(st)
         key = (st.st_dev, st.st_ino)
         slot = self._box[0]
-        if slot is not None and slot.key == key:
+        if slot is not None and slot.key == key and slot.state == _slots.LIVE:
             return slot
         return _slots.find(key, self._box)
 
@@ -175,7 +175,10 @@ class SidecarLock:
 
     def _ready(self, slot: Slot) -> bool:
         """Holding the slot: make sure our descriptor is open on the slot's file; False when the path now names
-        another file (deleted or replaced: the caller starts over)."""
+        another file (deleted or replaced: the caller starts over), or when the slot was given up meanwhile (see
+        _slots.drop_if_unused: its descriptors are being closed)."""
+        if slot.state != _slots.LIVE:
+            return False
         if not slot.fds:
             self._open(slot)
             try:

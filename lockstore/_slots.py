@@ -18,7 +18,7 @@ import errno
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._os import close_all
 from ._owners import OwnerLock, at_fork
@@ -49,6 +49,11 @@ else:  # pragma: no cover - no blocking flock (Windows): filelock's descriptor p
         elif not lock_descriptor(fd, blocking=False):
             raise BlockingIOError(errno.EAGAIN, "locked")
 
+#: A slot's states (Slot.state): in use; being looked at by drop_if_unused; given up, its descriptors closed.
+LIVE: Final = 0
+MARKED: Final = 1
+DROPPED: Final = 2
+
 
 class Slot(OwnerLock):
     """One lock file (by device and inode) in this process: who holds it here, and our descriptor's flock."""
@@ -72,6 +77,7 @@ class Slot(OwnerLock):
         "record_len",
         "refs",
         "repaired_at",
+        "state",
         "timed_out",
         "waiter_fds",
         "waiters",
@@ -82,6 +88,7 @@ class Slot(OwnerLock):
         super().__init__()
         self.key = key
         self.refs = 0
+        self.state = LIVE  # MARKED while drop_if_unused decides, DROPPED once its descriptors are being closed
         self.fds: list[int] = []  # our descriptor of the lock file (one, or none until opened)
         self.writable = True
         self.flocked: int | None = None  # the descriptor whose flock this process holds now (ours or the waiter's)
@@ -167,7 +174,7 @@ def find(key: tuple[int, int], box: list[Slot | None]) -> Slot:
     one there (the caller now counts as a user of the new one, no longer of the old one)."""
     with _LOCK:
         slot = SLOTS.get(key)
-        if slot is None:
+        if slot is None or slot.state != LIVE:  # not LIVE: left MARKED by an interrupt (see drop_if_unused)
             slot = SLOTS[key] = Slot(key)
         old = _swap(slot, box)
     _drop_unused(old)
@@ -180,7 +187,7 @@ def register(fresh: Slot, key: tuple[int, int], box: list[Slot | None]) -> Slot:
     ``fresh``'s descriptor."""
     with _LOCK:
         slot = SLOTS.get(key)
-        if slot is None:
+        if slot is None or slot.state != LIVE:
             fresh.key = key
             fresh.timed_out = pending(key)
             slot = SLOTS[key] = fresh
@@ -216,9 +223,19 @@ def unref(slot: Slot) -> None:
 
 
 def drop_if_unused(slot: Slot) -> None:
+    """Close the descriptors of a slot that no lock object uses and no thread holds or waits for. A thread may
+    still have the slot in hand (its lock object was given back while it acquired): the slot is marked before the
+    check, so such a thread that takes it from now on finds it not LIVE (SidecarLock._ready) and looks the file up
+    again, while one that took it before the check keeps it (the mark is taken back, and its release drops the
+    slot). Only the caller that marks it DROPPED closes it: the decision is made under _LOCK."""
     with _LOCK:
-        if slot.refs > 0 or slot.busy():
+        if slot.state == DROPPED:
             return
+        slot.state = MARKED
+        if slot.refs > 0 or slot.busy():
+            slot.state = LIVE
+            return
+        slot.state = DROPPED
         if SLOTS.get(slot.key) is slot:
             del SLOTS[slot.key]
             if not slot.timed_out:
@@ -247,5 +264,5 @@ def open_count() -> int:
     return sum(1 for slot in SLOTS.values() if slot.fds)
 
 
-__all__ = ["CAN_BLOCK", "LOCK_EX", "LOCK_NB", "LOCK_UN", "SLOTS", "Slot", "drop_if_unused", "find", "flock",
-           "let_go", "open_count", "owner_of", "register", "unref"]
+__all__ = ["CAN_BLOCK", "DROPPED", "LIVE", "LOCK_EX", "LOCK_NB", "LOCK_UN", "MARKED", "SLOTS", "Slot", "drop_if_unused",
+           "find", "flock", "let_go", "open_count", "owner_of", "register", "unref"]

@@ -323,6 +323,87 @@ def test_threads_whose_symlink_is_switched_twice_do_not_give_back_one_lock_twice
     assert total == 3
 
 
+def test_a_lock_given_back_while_another_thread_acquires_through_it_closes_nothing_in_use(tmp_path: Path) -> None:
+    """A lock object given back (an earlier symlink target's, by another thread of the Store) let its slot go: the
+    check that nobody used the slot and the close of its descriptors were two steps, and a thread that had the
+    slot in hand took it in between, locked through the descriptor being closed and lost it under its feet
+    (IndexError, or a flock dropped while held). Forced here: the closing thread is held between its check and its
+    close while the other thread takes the slot."""
+    import linecache
+
+    from lockstore import _sidecar
+
+    step = 10.0
+    lock = _sidecar.SidecarLock(str(tmp_path / "d.json.lock"))
+    warm = lock.held(threading.get_ident(), None)
+    lock.acquire(warm, timeout=5.0, poll_interval=0.01, blocking=True, label=None)  # the slot and its descriptor
+    lock.release(warm)
+    has_slot, go, at_mark, go_on, decided, close_now = (threading.Event() for _ in range(6))
+    errors: list[BaseException] = []
+
+    def line_of(frame: Any) -> str:
+        return linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+
+    def tracer_t(frame: Any, event: str, arg: object) -> Any:
+        name = frame.f_code.co_name
+        if (name == "_acquire" and event == "line" and not has_slot.is_set()
+                and "held_by_filelock_here" in line_of(frame)):
+            has_slot.set()  # the slot in hand, not taken yet
+            go.wait(step)
+        if name == "_mark" and event == "call" and not at_mark.is_set():
+            at_mark.set()
+            go_on.wait(step)
+        return tracer_t
+
+    def tracer_c(frame: Any, event: str, arg: object) -> Any:
+        if (frame.f_code.co_name == "drop_if_unused" and event == "line" and not decided.is_set()
+                and "slot.close_files()" in line_of(frame)):
+            decided.set()  # nobody used the slot when it looked
+            close_now.wait(step)
+        return tracer_c
+
+    def acquire_and_release() -> None:
+        held = lock.held(threading.get_ident(), None)
+        sys.settrace(tracer_t)
+        try:
+            lock.acquire(held, timeout=5.0, poll_interval=0.01, blocking=True, label=None)
+            lock.release(held)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            sys.settrace(None)
+
+    def give_back() -> None:
+        sys.settrace(tracer_c)
+        try:
+            lock.close()
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=acquire_and_release)
+    t.start()
+    assert has_slot.wait(step)
+    c = threading.Thread(target=give_back)
+    c.start()
+    assert decided.wait(step)
+    go.set()
+    assert at_mark.wait(step)  # the thread holds the lock
+    close_now.set()
+    c.join(DEADLINE)
+    go_on.set()
+    t.join(DEADLINE)
+    lock.close()
+    assert not errors
+    # Nobody holds the lock file now: another descriptor takes it at once.
+    fd = os.open(lock.lock_file, os.O_RDWR)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
 class _SlowLoads:
     """JSON whose decoding takes ``delay`` seconds while ``slow`` is set (a large value's reload, made long)."""
 
